@@ -1,0 +1,40 @@
+# `make demo` and `make test` set everything up in .venv on their own.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of PyTorch. Elsewhere on Linux, PyPI's torch is a CUDA build; for the
+# CPU one add: TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+RUNS ?= runs
+DEMO_STEPS ?= 1500
+
+.PHONY: setup demo test lint format clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH_INDEX) "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[export,dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/edgegen train --family gpt --preset tiny --steps $(DEMO_STEPS) --out $(RUNS)/gpt-tiny --force
+	$(BIN)/edgegen train --family rnn --cell gru --preset tiny --steps $(DEMO_STEPS) --out $(RUNS)/gru-tiny --force
+	$(BIN)/edgegen sample $(RUNS)/gpt-tiny --prompt "Return the " --prompt "This module provides"
+	$(BIN)/edgegen sample $(RUNS)/gru-tiny --prompt "Return the " --prompt "This module provides"
+
+test: setup lint
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check edgegen tests
+	$(BIN)/ruff format --check edgegen tests
+
+format: setup
+	$(BIN)/ruff check --fix edgegen tests
+	$(BIN)/ruff format edgegen tests
+
+clean:
+	rm -rf $(VENV) $(RUNS) .pytest_cache .ruff_cache

@@ -1,0 +1,100 @@
+"""Checkpoint directories: config.json, model.safetensors, tokenizer.json (+ training files).
+
+Nothing here unpickles: weights are safetensors, everything else is JSON. A
+checkpoint is written into a temporary sibling directory and renamed into place,
+so a reader never sees a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from edgegen.config import ModelConfig, load_config, save_config
+from edgegen.errors import CheckpointError, EdgegenError
+from edgegen.models import build_model
+from edgegen.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
+
+
+def write_model_files(directory: Path, model: torch.nn.Module, tokenizer: Tokenizer) -> None:
+    save_config(model.config, directory / CONFIG_FILE)
+    save_tokenizer(tokenizer, directory / TOKENIZER_FILE)
+    save_model(model, str(directory / WEIGHTS_FILE))
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer) from a checkpoint directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {directory}")
+    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {directory} is missing {', '.join(missing)}")
+    try:
+        config: ModelConfig = load_config(directory / CONFIG_FILE)
+        tokenizer = load_tokenizer(directory / TOKENIZER_FILE)
+    except EdgegenError as e:
+        raise CheckpointError(f"checkpoint {directory}: {e}") from None
+    if config.vocab_size != tokenizer.vocab_size:
+        raise CheckpointError(
+            f"checkpoint {directory}: model vocab_size {config.vocab_size} does not match "
+            f"the tokenizer's {tokenizer.vocab_size}"
+        )
+    model = build_model(config)
+    try:
+        load_model(model, str(directory / WEIGHTS_FILE), device=str(device))
+    except (SafetensorError, RuntimeError, OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {directory}: cannot load weights: {first_line}"
+        ) from None
+    return model.to(device).eval(), tokenizer
+
+
+def write_atomically(target: Path, fill: Callable[[Path], None]) -> None:
+    """Build a directory with `fill(tmp_dir)`, then move it to `target` in one rename.
+
+    An existing `target` is replaced only after the new one is complete; if
+    `fill` fails, the temporary directory is removed and `target` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        fill(tmp)
+        _fsync_tree(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "previous")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())

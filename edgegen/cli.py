@@ -1,0 +1,137 @@
+"""The `edgegen` command. Each command parses options and calls one library function;
+torch is imported only inside the commands that need it."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from edgegen.config import RNN_CELLS, parse_override
+from edgegen.errors import EdgegenError
+
+
+class EdgegenGroup(click.Group):
+    """Turns edgegen's own errors into one line on stderr and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgegenError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+        except OSError as e:
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"error: {e.strerror or e}{where}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+        except ImportError as e:
+            click.echo(
+                f"error: {e.msg}; install the export extra: pip install 'edgegen[export]'", err=True
+            )
+            ctx.exit(1)
+
+
+@click.group(cls=EdgegenGroup)
+@click.version_option(package_name="edgegen")
+@click.option("--debug", is_flag=True, help="Show a traceback on errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Train small language models, export them, and run them on devices."""
+    ctx.obj = {"debug": debug}
+
+
+@main.command("train")
+@click.option("--family", type=click.Choice(["gpt", "rnn"]), default="gpt", show_default=True)
+@click.option(
+    "--cell",
+    type=click.Choice(RNN_CELLS),
+    default="gru",
+    show_default=True,
+    help="RNN cell (with --family rnn).",
+)
+@click.option("--preset", default="tiny", show_default=True, help="Size preset: tiny, small, base.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Override a model config field, e.g. --set dim=96 (repeatable).",
+)
+@click.option(
+    "--data",
+    type=click.Path(),
+    default=None,
+    help="Text file or folder of text files [default: the embedded corpus].",
+)
+@click.option("--steps", type=int, default=300, show_default=True, help="Total optimizer steps.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option(
+    "--seq-len", type=int, default=None, help="GPT training window [default: max_seq_len]."
+)
+@click.option("--bptt", type=int, default=64, show_default=True, help="RNN truncated-BPTT length.")
+@click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak learning rate.")
+@click.option("--eval-interval", type=int, default=100, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(),
+    default="runs/model",
+    show_default=True,
+    help="Checkpoint directory.",
+)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the checkpoint in --out up to --steps.")
+@click.option("--force", is_flag=True, help="Replace an existing checkpoint in --out.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def train_command(overrides, resume, force, quiet, **kwargs) -> None:
+    """Train a model (or resume one) and write its checkpoint."""
+    from edgegen.train import TrainOptions, train
+
+    options = TrainOptions(overrides=dict(parse_override(o) for o in overrides), **kwargs)
+    result = train(options, resume=resume, force=force, progress=not quiet)
+    val = f"{result.val_bpb:.3f} bits/byte" if result.val_bpb is not None else "n/a"
+    state = "stopped early, resumable with --resume" if result.interrupted else "done"
+    click.echo(
+        f"{result.out}: step {result.step}, {result.parameters:,} parameters, "
+        f"validation {val} ({state})"
+    )
+
+
+@main.command("sample")
+@click.argument("checkpoint", type=click.Path())
+@click.option(
+    "--prompt",
+    "prompts",
+    multiple=True,
+    default=[""],
+    show_default=True,
+    help="Text to continue (repeatable).",
+)
+@click.option("--max-new-tokens", type=int, default=120, show_default=True)
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+def sample_command(checkpoint, prompts, max_new_tokens, temperature, top_k, top_p, seed) -> None:
+    """Continue prompts with a checkpoint in eager PyTorch."""
+    from edgegen.checkpoint import load_checkpoint
+    from edgegen.eager import generate_text
+    from edgegen.runtime import Sampler
+
+    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    model, tokenizer = load_checkpoint(checkpoint)
+    for prompt in prompts:
+        text = generate_text(model, tokenizer, prompt, sampler, max_new_tokens)
+        click.echo(f"--- {prompt!r}\n{prompt}{text}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

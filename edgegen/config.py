@@ -1,0 +1,180 @@
+"""Model configurations: one dataclass per family, named size presets, JSON round trip.
+
+Torch-free: the runtime reads these from a bundle's manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgegen.errors import ConfigError
+
+BYTE_VOCAB_SIZE = 259  # 256 bytes + BOS, EOS, PAD (see tokenizer.py)
+
+RNN_CELLS = ("rnn", "gru", "lstm")
+POS_ENCODINGS = ("learned", "rope")
+
+
+@dataclass
+class GPTConfig:
+    """A decoder-only Transformer with pre-norm blocks and a KV cache."""
+
+    vocab_size: int = BYTE_VOCAB_SIZE
+    dim: int = 64  # model width
+    n_layers: int = 2
+    n_heads: int = 4  # dim must divide by n_heads
+    max_seq_len: int = 128  # context length: positions 0 .. max_seq_len-1
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * dim
+    pos_encoding: str = "learned"  # "learned" table or "rope" (rotary)
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True  # output head shares the token embedding
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    head_dim: int = dataclasses.field(init=False)  # derived: dim // n_heads
+
+    family = "gpt"
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "max_seq_len")
+        _require_positive(self, "mlp_ratio")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
+        if self.pos_encoding not in POS_ENCODINGS:
+            raise ConfigError(
+                f"pos_encoding must be one of {', '.join(POS_ENCODINGS)}, got {self.pos_encoding!r}"
+            )
+        self.head_dim = self.dim // self.n_heads
+        if self.pos_encoding == "rope" and self.head_dim % 2:
+            raise ConfigError(f"rope needs an even head_dim, got {self.head_dim}")
+        _require_dropout(self.dropout)
+
+
+@dataclass
+class RNNConfig:
+    """An embedding, a multi-layer RNN/GRU/LSTM and a linear head."""
+
+    vocab_size: int = BYTE_VOCAB_SIZE
+    cell: str = "gru"  # "rnn" (tanh), "gru" or "lstm"
+    dim: int = 64  # embedding width
+    hidden_size: int = 128
+    n_layers: int = 2
+    tie_embeddings: bool = False  # needs dim == hidden_size
+    dropout: float = 0.0  # on embeddings, between layers and before the head
+
+    family = "rnn"
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "vocab_size", "dim", "hidden_size", "n_layers")
+        if self.cell not in RNN_CELLS:
+            raise ConfigError(f"cell must be one of {', '.join(RNN_CELLS)}, got {self.cell!r}")
+        if self.tie_embeddings and self.dim != self.hidden_size:
+            raise ConfigError(
+                f"tie_embeddings needs dim == hidden_size, got {self.dim} and {self.hidden_size}"
+            )
+        _require_dropout(self.dropout)
+
+
+ModelConfig = GPTConfig | RNNConfig
+FAMILIES: dict[str, type[GPTConfig] | type[RNNConfig]] = {"gpt": GPTConfig, "rnn": RNNConfig}
+
+# Sizes the benchmarks rely on: tiny (tests, well under 1M parameters), small
+# (about 3M: fits in a CPU cache), base (25-35M: larger than any cache).
+# RNN hidden sizes differ per cell so every cell lands near the same size.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "gpt": {
+        "tiny": dict(dim=64, n_layers=2, n_heads=4, max_seq_len=128),
+        "small": dict(dim=192, n_layers=6, n_heads=6, max_seq_len=256),
+        "base": dict(dim=512, n_layers=8, n_heads=8, max_seq_len=1024),
+    },
+    "rnn": {
+        "tiny": dict(dim=64, n_layers=2, hidden_size={"rnn": 192, "gru": 128, "lstm": 112}),
+        "small": dict(dim=256, n_layers=2, hidden_size={"rnn": 896, "gru": 512, "lstm": 448}),
+        "base": dict(dim=512, n_layers=3, hidden_size={"rnn": 2304, "gru": 1280, "lstm": 1152}),
+    },
+}
+
+
+def preset(family: str, name: str = "tiny", **overrides: Any) -> ModelConfig:
+    """The named size preset of a family, with any field overridden."""
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    if name not in PRESETS[family]:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS[family])}")
+    fields = dict(PRESETS[family][name])
+    if family == "rnn":
+        cell = overrides.get("cell", "gru")
+        if cell not in RNN_CELLS:
+            raise ConfigError(f"cell must be one of {', '.join(RNN_CELLS)}, got {cell!r}")
+        fields["hidden_size"] = fields["hidden_size"][cell]
+    fields.update(overrides)
+    return config_from_dict({"family": family, **fields})
+
+
+def config_to_dict(config: ModelConfig) -> dict[str, Any]:
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+    return {"family": config.family, **fields}
+
+
+def config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("a model config must be a JSON object")
+    data = dict(data)
+    family = data.pop("family", None)
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    cls = FAMILIES[family]
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown {family} config field(s): {', '.join(unknown)}")
+    for name, value in data.items():
+        _check_type(name, value, known[name].type)
+    return cls(**data)
+
+
+def save_config(config: ModelConfig, path: Path) -> None:
+    Path(path).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+
+
+def load_config(path: Path) -> ModelConfig:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read model config {path}: {e}") from None
+    return config_from_dict(data)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`name=value` from the command line; the value is read as JSON when it parses."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name:
+        raise ConfigError(f"override must look like name=value, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return name.strip(), value
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> None:
+    expected = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(str(annotation))
+    if expected is None:
+        return
+    wrong_bool = isinstance(value, bool) and annotation != "bool"
+    if wrong_bool or not isinstance(value, expected):
+        raise ConfigError(f"config field {name} must be {annotation}, got {value!r}")
+
+
+def _require_positive(config: Any, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
+
+
+def _require_dropout(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {p}")

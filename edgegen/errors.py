@@ -1,0 +1,29 @@
+"""Typed errors. The CLI prints any EdgegenError as one line and exits non-zero."""
+
+
+class EdgegenError(Exception):
+    """Base of every error edgegen raises on purpose."""
+
+
+class ConfigError(EdgegenError, ValueError):
+    """A model or training configuration is invalid."""
+
+
+class TokenizerError(EdgegenError, ValueError):
+    """A tokenizer spec or token id is invalid."""
+
+
+class CorpusError(EdgegenError):
+    """Training text is missing, unreadable or empty."""
+
+
+class CheckpointError(EdgegenError):
+    """A checkpoint directory is missing, incomplete or inconsistent."""
+
+
+class SamplingError(EdgegenError, ValueError):
+    """A sampling parameter is out of range."""
+
+
+class GenerationError(EdgegenError, ValueError):
+    """A generation request cannot be served (e.g. it does not fit the context)."""

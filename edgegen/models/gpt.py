@@ -1,0 +1,191 @@
+"""Decoder-only Transformer (pre-norm, causal self-attention with a KV cache, MLP).
+
+State is the KV cache as a flat tuple `(k0, v0, k1, v1, ...)`, each [B, n_heads,
+past, head_dim]. A step appends the new keys and values and returns the grown
+cache, so prefill (T > 1, empty cache), decode (T = 1) and one full forward are
+the same function. Left-padded batches pass `attention_mask` [B, past+T] (1 for
+a real token, 0 for padding) and, optionally, `position_ids` [B, T].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgegen.config import GPTConfig
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
+        self.pos_emb = (
+            nn.Embedding(config.max_seq_len, config.dim)
+            if config.pos_encoding == "learned"
+            else None
+        )
+        self.rope = (
+            Rotary(config.head_dim, config.rope_theta) if config.pos_encoding == "rope" else None
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        self.apply(_init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):  # residual projections, scaled as in GPT-2
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return tuple(f"{i}.{kv}" for i in range(self.config.n_layers) for kv in ("key", "value"))
+
+    def init_state(self, batch_size: int, device: torch.device | None = None):
+        cfg = self.config
+        device = device or self.head.weight.device
+        empty = torch.zeros(batch_size, cfg.n_heads, 0, cfg.head_dim, device=device)
+        return tuple(empty.clone() for _ in self.state_names)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *past_key_values: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ):
+        """input_ids [B,T] -> (logits [B,T,V], *present_key_values)."""
+        B, T = input_ids.shape
+        if not past_key_values:
+            past_key_values = self.init_state(B, input_ids.device)
+        past_len = past_key_values[0].shape[2]
+        if position_ids is None:
+            position_ids = default_position_ids(B, T, past_len, attention_mask, input_ids.device)
+        mask = attention_bias(T, past_len, attention_mask, input_ids.device)
+
+        x = self.tok_emb(input_ids)  # (B, T, dim)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(position_ids)
+        rope = self.rope(position_ids) if self.rope is not None else None
+        x = self.drop(x)
+        present = []
+        for i, block in enumerate(self.blocks):
+            x, k, v = block(x, past_key_values[2 * i], past_key_values[2 * i + 1], mask, rope)
+            present += [k, v]
+        logits = self.head(self.norm(x))  # (B, T, V)
+        return (logits, *present)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.norm2 = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, past_k, past_v, mask, rope):
+        a, k, v = self.attn(self.norm1(x), past_k, past_v, mask, rope)
+        x = x + a
+        x = x + self.mlp(self.norm2(x))
+        return x, k, v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
+        self.proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.dropout = config.dropout
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, past_k, past_v, mask, rope):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        k = torch.cat([past_k, k], dim=2)  # (B, nh, past+T, hs)
+        v = torch.cat([past_v, v], dim=2)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and T > 1,
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, dim)
+        return self.resid_drop(self.proj(y)), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.dim, config.mlp_ratio * config.dim, bias=False)
+        self.proj = nn.Linear(config.mlp_ratio * config.dim, config.dim, bias=False)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for rotary position embeddings, computed from position ids."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor):
+        angles = position_ids[..., None].float() * self.inv_freq  # (B, T, hs/2)
+        return angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, T, hs/2) each
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)  # rotate the two halves of each head as pairs
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+def default_position_ids(B, T, past_len, attention_mask, device) -> torch.Tensor:
+    """Positions count real tokens only, so a left-padded row starts at position 0."""
+    if attention_mask is None:
+        return torch.arange(past_len, past_len + T, device=device).expand(B, T)
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -T:]
+
+
+def attention_bias(T: int, past_len: int, attention_mask, device) -> torch.Tensor | None:
+    """Boolean mask [B|1, 1, T, past+T]: True where a query may attend to a key.
+
+    None when plain causal attention does (no padding; SDPA then uses is_causal).
+    Query i sits at cache slot past+i and sees slots <= past+i that are not
+    padding. Every query also sees itself, so a padding row is never all-masked
+    (which would give NaN); no real token ever attends to a padding slot.
+    """
+    if attention_mask is None and (past_len == 0 or T == 1):
+        return None
+    total = past_len + T
+    query_slot = torch.arange(past_len, total, device=device)[:, None]  # (T, 1)
+    key_slot = torch.arange(total, device=device)[None, :]  # (1, total)
+    causal = key_slot <= query_slot  # (T, total)
+    if attention_mask is None:
+        return causal[None, None]
+    keep = attention_mask.bool()[:, None, None, :] | (key_slot == query_slot)  # (B, 1, T, total)
+    return causal & keep
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear | nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)

@@ -1,0 +1,414 @@
+"""Training loop (CPU, CUDA with bf16 autocast): AdamW, warm-up + cosine schedule,
+gradient clipping, periodic validation in bits per byte, exact resume.
+
+A checkpoint holds the model files (checkpoint.py) plus `train_state.json`,
+`train_state.safetensors` (optimizer moments, RNG, carried RNN state) and
+`train_log.json` (the loss and validation curves).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, load_model, save_file
+
+import edgegen
+from edgegen.batches import DocumentBatches, WindowBatches, eval_windows, tokenize_documents
+from edgegen.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    write_atomically,
+    write_json,
+    write_model_files,
+)
+from edgegen.config import GPTConfig, ModelConfig, preset
+from edgegen.corpus import Corpus, load_corpus
+from edgegen.errors import CheckpointError, ConfigError
+from edgegen.models import build_model, count_parameters
+from edgegen.progress import ProgressLine
+from edgegen.tokenizer import ByteTokenizer, Tokenizer
+
+STATE_FILE = "train_state.json"
+STATE_TENSORS_FILE = "train_state.safetensors"
+LOG_FILE = "train_log.json"
+TRAIN_STATE_VERSION = 1
+
+
+@dataclass
+class TrainOptions:
+    family: str = "gpt"  # "gpt" or "rnn"
+    cell: str = "gru"  # RNN cell: "rnn", "gru" or "lstm"
+    preset: str = "tiny"  # size preset (config.PRESETS)
+    overrides: dict[str, Any] = field(default_factory=dict)  # model config fields
+    data: str | None = None  # text file or folder; None = the embedded corpus
+    out: str = "runs/model"  # checkpoint directory
+    steps: int = 300  # total optimizer steps
+    batch_size: int = 16
+    seq_len: int | None = None  # GPT window; None = the model's max_seq_len
+    bptt: int = 64  # RNN truncated-BPTT length
+    lr: float = 2e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int | None = None  # None = min(100, steps // 10)
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_interval: int = 100  # validate every N steps (and at the first and last)
+    eval_tokens: int = 16384  # validation tokens per evaluation
+    save_interval: int | None = None  # checkpoint every N steps; None = eval_interval
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "bptt", "eval_interval", "eval_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise ConfigError(f"seq_len must be positive, got {self.seq_len}")
+        if self.save_interval is not None and self.save_interval <= 0:
+            raise ConfigError(f"save_interval must be positive, got {self.save_interval}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("lr must be positive and min_lr_ratio in [0, 1]")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    def model_config(self) -> ModelConfig:
+        extra = {"cell": self.cell} if self.family == "rnn" else {}
+        return preset(self.family, self.preset, **extra, **self.overrides)
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    parameters: int
+    val_bpb: float | None  # last validation figure
+    log: dict[str, list[dict[str, float]]]
+    interrupted: bool = False
+
+
+def train(
+    options: TrainOptions,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int, float], bool | None] | None = None,
+) -> TrainResult:
+    """Train (or resume) a model and write its checkpoint to `options.out`.
+
+    On resume the saved options are used; only `steps` (the new total), `device`
+    and the evaluation/save intervals come from `options`. `on_step(step, loss)`
+    returning True stops the run after saving a checkpoint, as Ctrl-C does.
+    """
+    out = Path(options.out)
+    saved = _read_train_state(out) if resume else None
+    if saved is not None:
+        keep = ("steps", "device", "eval_interval", "save_interval", "out")
+        options = dataclasses.replace(saved["options"], **{k: getattr(options, k) for k in keep})
+    elif (out / CONFIG_FILE).exists() and not force:
+        raise CheckpointError(
+            f"a checkpoint already exists in {out}; pass --resume to continue it "
+            "or --force to replace it"
+        )
+    options.validate()
+    config = options.model_config()
+    device = resolve_device(options.device)
+    corpus = load_corpus(options.data)
+    if saved is not None and saved["corpus"] != corpus.fingerprint():
+        raise CheckpointError(f"the training text changed since {out} was saved; cannot resume")
+
+    torch.manual_seed(options.seed)
+    tokenizer = ByteTokenizer()
+    model = build_model(config).to(device)
+    task = make_task(options, config, corpus, tokenizer, device)
+    optimizer = make_optimizer(model, options)
+    run = Run(options, model, optimizer, task, tokenizer, corpus, device)
+    if saved is not None:
+        run.restore(out, saved)
+    return run.loop(progress, on_step)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for, but torch sees no CUDA GPU")
+    return torch.device(name)
+
+
+def lr_at(step: int, options: TrainOptions) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio at the last step."""
+    warmup = (
+        options.warmup_steps if options.warmup_steps is not None else min(100, options.steps // 10)
+    )
+    if step < warmup:
+        return options.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, options.steps - warmup))
+    floor = options.lr * options.min_lr_ratio
+    return floor + 0.5 * (options.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, options: TrainOptions) -> torch.optim.AdamW:
+    """Weight decay on matrices and embeddings only, not on biases and norms."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": options.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=options.lr, betas=(0.9, 0.95))
+
+
+class Run:
+    """The mutable state of one training run: step, log, and what a checkpoint saves."""
+
+    def __init__(self, options, model, optimizer, task, tokenizer, corpus, device) -> None:
+        self.options, self.model, self.optimizer, self.task = options, model, optimizer, task
+        self.tokenizer, self.corpus, self.device = tokenizer, corpus, device
+        self.step = 0
+        self.log: dict[str, list[dict[str, float]]] = {"train": [], "val": []}
+
+    def loop(self, progress: bool, on_step) -> TrainResult:
+        opts = self.options
+        save_every = opts.save_interval or opts.eval_interval
+        bar = ProgressLine(opts.steps, enabled=progress, every=max(1, opts.steps // 20))
+        if not self.log["val"]:
+            self.validate()
+        interrupted = False
+        with _stop_on_sigint() as stop:
+            while self.step < opts.steps and not interrupted:
+                loss, tokens_per_s = self.train_step()
+                last = self.step == opts.steps
+                if self.step % opts.eval_interval == 0 or last:
+                    self.validate()
+                bar.update(self.step, self.describe(loss, tokens_per_s))
+                interrupted = bool(on_step and on_step(self.step, loss)) or stop.is_set()
+                if self.step % save_every == 0 or last or interrupted:
+                    self.save()
+        bar.close()
+        return TrainResult(
+            out=Path(opts.out),
+            step=self.step,
+            parameters=count_parameters(self.model),
+            val_bpb=self.log["val"][-1]["bpb"] if self.log["val"] else None,
+            log=self.log,
+            interrupted=interrupted,
+        )
+
+    def train_step(self) -> tuple[float, float]:
+        start = time.perf_counter()
+        self.model.train()
+        lr = lr_at(self.step, self.options)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with _autocast(self.device):
+            loss, n_tokens = self.task.loss(self.model, self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.options.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        value = loss.item()
+        tokens_per_s = n_tokens / (time.perf_counter() - start)
+        entry = {"step": self.step, "loss": value, "lr": lr, "tokens_per_s": tokens_per_s}
+        self.log["train"].append(entry)
+        return value, tokens_per_s
+
+    @torch.no_grad()
+    def validate(self) -> None:
+        self.model.eval()
+        with _autocast(self.device):
+            nll, n_targets, n_bytes = self.task.evaluate(self.model)
+        bpb = nll / math.log(2) / max(1, n_bytes)
+        self.log["val"].append({"step": self.step, "loss": nll / n_targets, "bpb": bpb})
+
+    def describe(self, loss: float, tokens_per_s: float) -> str:
+        val = self.log["val"][-1]
+        return (
+            f"loss {loss:.3f} | val {val['bpb']:.3f} bpb @ {val['step']} | "
+            f"{tokens_per_s / 1000:.1f}k tok/s"
+        )
+
+    def save(self) -> None:
+        tensors = {f"carry.{i}": t.contiguous() for i, t in enumerate(self.task.carry)}
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        for index, state in self.optimizer.state_dict()["state"].items():
+            for key, value in state.items():
+                tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
+        meta = {
+            "version": TRAIN_STATE_VERSION,
+            "step": self.step,
+            "options": dataclasses.asdict(self.options),
+            "corpus": self.corpus.fingerprint(),
+            "edgegen": edgegen.__version__,
+            "torch": torch.__version__,
+        }
+
+        def fill(tmp: Path) -> None:
+            write_model_files(tmp, self.model, self.tokenizer)
+            save_file(tensors, str(tmp / STATE_TENSORS_FILE))
+            write_json(tmp / STATE_FILE, meta)
+            write_json(tmp / LOG_FILE, self.log)
+
+        write_atomically(Path(self.options.out), fill)
+
+    def restore(self, directory: Path, saved: dict[str, Any]) -> None:
+        try:
+            load_model(self.model, str(directory / WEIGHTS_FILE), device=str(self.device))
+            tensors = load_file(str(directory / STATE_TENSORS_FILE))
+            self.log = json.loads((directory / LOG_FILE).read_text())
+        except Exception as e:  # any damage: one message, not a traceback
+            raise CheckpointError(f"cannot resume from {directory}: {e}") from None
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in tensors.items():
+            if name.startswith("optim."):
+                _, index, key = name.split(".", 2)
+                # AdamW keeps its step counter on the CPU
+                state.setdefault(int(index), {})[key] = (
+                    value if key == "step" else value.to(self.device)
+                )
+        groups = self.optimizer.state_dict()["param_groups"]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        n_carry = sum(name.startswith("carry.") for name in tensors)
+        self.task.carry = tuple(tensors[f"carry.{i}"].to(self.device) for i in range(n_carry))
+        self.step = saved["step"]
+
+
+# --- what each family trains on -------------------------------------------------
+
+
+def make_task(options, config, corpus: Corpus, tokenizer: Tokenizer, device):
+    train_docs = tokenize_documents(corpus.train, tokenizer)
+    val_docs = tokenize_documents(corpus.val, tokenizer)
+    if isinstance(config, GPTConfig):
+        return WindowTask(options, config, train_docs, val_docs, device)
+    return DocumentTask(options, train_docs, val_docs, tokenizer, device)
+
+
+class WindowTask:
+    """GPT: next-token loss on fixed windows."""
+
+    carry: tuple[torch.Tensor, ...] = ()
+
+    def __init__(self, options, config: GPTConfig, train_docs, val_docs, device) -> None:
+        self.seq_len = options.seq_len or config.max_seq_len
+        if self.seq_len > config.max_seq_len:
+            raise ConfigError(f"seq_len {self.seq_len} exceeds max_seq_len {config.max_seq_len}")
+        self.batches = WindowBatches(train_docs, self.seq_len, options.batch_size, options.seed)
+        self.val_docs, self.options, self.device = val_docs, options, device
+
+    def loss(self, model, step: int):
+        x, y = (torch.from_numpy(a).to(self.device) for a in self.batches.train_batch(step))
+        logits = model(x)[0]
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), y.numel()
+
+    def evaluate(self, model) -> tuple[float, int, int]:
+        nll, n_targets, n_bytes = 0.0, 0, 0
+        opts = self.options
+        for x, y in eval_windows(self.val_docs, self.seq_len, opts.batch_size, opts.eval_tokens):
+            x, y = torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+            logits = model(x)[0].float()
+            nll += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+            n_targets += y.numel()
+            n_bytes += int((y < 256).sum())
+        return nll, n_targets, n_bytes
+
+
+class DocumentTask:
+    """RNN: packed document batches, state carried across chunks (truncated BPTT)."""
+
+    def __init__(self, options, train_docs, val_docs, tokenizer, device) -> None:
+        common = dict(bptt=options.bptt, batch_size=options.batch_size, pad_id=tokenizer.pad_id)
+        self.batches = DocumentBatches(train_docs, seed=options.seed, **common)
+        self.val_batches = DocumentBatches(val_docs, seed=options.seed, **common)
+        self.options, self.device = options, device
+        self.carry: tuple[torch.Tensor, ...] = ()
+
+    def loss(self, model, step: int):
+        chunk = self.batches.train_chunk(step)
+        logits, y, self.carry = self._run(model, chunk, self.carry)
+        self.carry = tuple(s.detach() for s in self.carry)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), int(chunk.lengths.sum())
+
+    def evaluate(self, model) -> tuple[float, int, int]:
+        nll, n_targets, n_bytes, carry = 0.0, 0, 0, ()
+        for chunk in self.val_batches.eval_chunks(self.options.eval_tokens):
+            logits, y, carry = self._run(model, chunk, carry)
+            nll += F.cross_entropy(
+                logits.flatten(0, 1).float(), y.flatten(), reduction="sum"
+            ).item()
+            n_targets += int((y >= 0).sum())
+            n_bytes += int(((y >= 0) & (y < 256)).sum())
+        return nll, n_targets, n_bytes
+
+    def _run(self, model, chunk, carry):
+        rows = int((chunk.lengths > 0).sum())  # rows still running: a prefix (longest first)
+        state = model.init_state(rows) if chunk.first else tuple(s[:, :rows] for s in carry)
+        x = torch.from_numpy(chunk.inputs[:rows]).to(self.device)
+        y = torch.from_numpy(chunk.targets[:rows]).to(self.device)
+        lengths = torch.from_numpy(chunk.lengths[:rows])
+        logits, *new_state = model.forward_packed(x, lengths, *state)
+        return logits, y, tuple(new_state)
+
+
+# --- helpers ---------------------------------------------------------------------
+
+
+def _read_train_state(directory: Path) -> dict[str, Any]:
+    path = directory / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"nothing to resume: no training checkpoint in {directory}")
+    try:
+        meta = json.loads(path.read_text())
+        version = meta["version"]
+        options = TrainOptions(**meta["options"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot read training state {path}: {e}") from None
+    if version > TRAIN_STATE_VERSION:
+        raise CheckpointError(
+            f"{path} has training state version {version}; this edgegen reads up to "
+            f"{TRAIN_STATE_VERSION}"
+        )
+    return {**meta, "options": options}
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA; plain fp32 elsewhere."""
+    return torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+    )
+
+
+@contextmanager
+def _stop_on_sigint():
+    """Ctrl-C asks the loop to stop after the current step (and save); a second one aborts."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
