@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 RUNS ?= runs
-DEMO_STEPS ?= 1500
+DEMO_STEPS ?= 1200
 
 .PHONY: setup demo test lint format clean
 

@@ -69,13 +69,18 @@ def main(ctx: click.Context, debug: bool) -> None:
     default=None,
     help="Text file or folder of text files [default: the embedded corpus].",
 )
-@click.option("--steps", type=int, default=300, show_default=True, help="Total optimizer steps.")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--steps", type=int, default=1000, show_default=True, help="Total optimizer steps.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option(
     "--seq-len", type=int, default=None, help="GPT training window [default: max_seq_len]."
 )
 @click.option("--bptt", type=int, default=64, show_default=True, help="RNN truncated-BPTT length.")
-@click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak learning rate.")
+@click.option(
+    "--lr",
+    type=float,
+    default=None,
+    help="Peak learning rate [default: 3e-3 tiny, 2e-3 small, 6e-4 base].",
+)
 @click.option("--eval-interval", type=int, default=100, show_default=True)
 @click.option(
     "--out",

@@ -44,6 +44,7 @@ STATE_FILE = "train_state.json"
 STATE_TENSORS_FILE = "train_state.safetensors"
 LOG_FILE = "train_log.json"
 TRAIN_STATE_VERSION = 1
+DEFAULT_LR = {"tiny": 3e-3, "small": 2e-3, "base": 6e-4}  # smaller models take larger steps
 
 
 @dataclass
@@ -54,11 +55,11 @@ class TrainOptions:
     overrides: dict[str, Any] = field(default_factory=dict)  # model config fields
     data: str | None = None  # text file or folder; None = the embedded corpus
     out: str = "runs/model"  # checkpoint directory
-    steps: int = 300  # total optimizer steps
-    batch_size: int = 16
+    steps: int = 1000  # total optimizer steps
+    batch_size: int = 32
     seq_len: int | None = None  # GPT window; None = the model's max_seq_len
     bptt: int = 64  # RNN truncated-BPTT length
-    lr: float = 2e-3  # peak learning rate
+    lr: float | None = None  # peak learning rate; None = DEFAULT_LR of the preset
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int | None = None  # None = min(100, steps // 10)
     weight_decay: float = 0.1
@@ -77,10 +78,14 @@ class TrainOptions:
             raise ConfigError(f"seq_len must be positive, got {self.seq_len}")
         if self.save_interval is not None and self.save_interval <= 0:
             raise ConfigError(f"save_interval must be positive, got {self.save_interval}")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+        if (self.lr is not None and not self.lr > 0) or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("lr must be positive and min_lr_ratio in [0, 1]")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR.get(self.preset, 1e-3)
 
     def model_config(self) -> ModelConfig:
         extra = {"cell": self.cell} if self.family == "rnn" else {}
@@ -152,11 +157,12 @@ def lr_at(step: int, options: TrainOptions) -> float:
     warmup = (
         options.warmup_steps if options.warmup_steps is not None else min(100, options.steps // 10)
     )
+    peak = options.peak_lr
     if step < warmup:
-        return options.lr * (step + 1) / warmup
+        return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, options.steps - warmup))
-    floor = options.lr * options.min_lr_ratio
-    return floor + 0.5 * (options.lr - floor) * (1 + math.cos(math.pi * progress))
+    floor = peak * options.min_lr_ratio
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
 def make_optimizer(model: torch.nn.Module, options: TrainOptions) -> torch.optim.AdamW:
@@ -166,7 +172,7 @@ def make_optimizer(model: torch.nn.Module, options: TrainOptions) -> torch.optim
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": options.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=options.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=options.peak_lr, betas=(0.9, 0.95))
 
 
 class Run:
