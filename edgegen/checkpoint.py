@@ -7,13 +7,7 @@ so a reader never sees a half-written one.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -63,38 +57,3 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
             f"checkpoint {directory}: cannot load weights: {first_line}"
         ) from None
     return model.to(device).eval(), tokenizer
-
-
-def write_atomically(target: Path, fill: Callable[[Path], None]) -> None:
-    """Build a directory with `fill(tmp_dir)`, then move it to `target` in one rename.
-
-    An existing `target` is replaced only after the new one is complete; if
-    `fill` fails, the temporary directory is removed and `target` is untouched.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        fill(tmp)
-        _fsync_tree(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "previous")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.iterdir():
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())

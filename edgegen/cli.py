@@ -138,5 +138,52 @@ def sample_command(checkpoint, prompts, max_new_tokens, temperature, top_k, top_
         click.echo(f"--- {prompt!r}\n{prompt}{text}")
 
 
+@main.command("export")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Bundle directory to write.")
+@click.option(
+    "--format",
+    "formats",
+    default="onnx,torchscript",
+    show_default=True,
+    help="Comma-separated formats: onnx, torchscript.",
+)
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (>= 18).")
+@click.option(
+    "--max-seq-len",
+    type=int,
+    default=None,
+    help="Context the runtime allows [default: the model's].",
+)
+@click.option("--force", is_flag=True, help="Replace an existing bundle.")
+def export_command(checkpoint, out, formats, opset, max_seq_len, force) -> None:
+    """Export a checkpoint to a bundle, gated by parity with eager PyTorch."""
+    from edgegen.export import export_bundle
+
+    manifest = export_bundle(
+        checkpoint,
+        out,
+        formats=[f.strip() for f in formats.split(",") if f.strip()],
+        opset=opset,
+        max_seq_len=max_seq_len,
+        force=force,
+        on_artifact=lambda fmt: click.echo(f"exporting {fmt}...", err=True),
+    )
+    click.echo(parity_summary(manifest))
+
+
+def parity_summary(manifest) -> str:
+    lines = [f"{manifest.directory}: {manifest.config.family} bundle, parity vs eager PyTorch"]
+    reports = manifest.data["parity"]["artifacts"]
+    for artifact in manifest.artifacts:
+        report = reports[artifact.path]
+        lines.append(
+            f"  {artifact.path:<14} {artifact.format:<12} {artifact.precision:<5} "
+            f"{artifact.bytes / 1e6:7.2f} MB  max |diff| {report['max_abs_diff']:.1e} "
+            f"<= {report['tolerance']:.0e} over {len(report['checks'])} checks: pass"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,3 +27,15 @@ class SamplingError(EdgegenError, ValueError):
 
 class GenerationError(EdgegenError, ValueError):
     """A generation request cannot be served (e.g. it does not fit the context)."""
+
+
+class BundleError(EdgegenError):
+    """A bundle or its manifest is missing, damaged, or not one this edgegen reads."""
+
+
+class ExportError(EdgegenError):
+    """A checkpoint could not be exported."""
+
+
+class ParityError(ExportError):
+    """An exported artifact disagrees with eager PyTorch beyond its tolerance."""

@@ -26,16 +26,11 @@ from safetensors.torch import load_file, load_model, save_file
 
 import edgegen
 from edgegen.batches import DocumentBatches, WindowBatches, eval_windows, tokenize_documents
-from edgegen.checkpoint import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    write_atomically,
-    write_json,
-    write_model_files,
-)
+from edgegen.checkpoint import CONFIG_FILE, WEIGHTS_FILE, write_model_files
 from edgegen.config import GPTConfig, ModelConfig, preset
 from edgegen.corpus import Corpus, load_corpus
 from edgegen.errors import CheckpointError, ConfigError
+from edgegen.files import write_atomically, write_json
 from edgegen.models import build_model, count_parameters
 from edgegen.progress import ProgressLine
 from edgegen.tokenizer import ByteTokenizer, Tokenizer

@@ -8,7 +8,8 @@ BLOCK_TORCH = "import sys; sys.modules['torch'] = None; "
 
 def test_runtime_config_and_tokenizer_import_without_torch():
     code = BLOCK_TORCH + (
-        "import edgegen.runtime, edgegen.config, edgegen.tokenizer, edgegen.corpus, edgegen.cli; "
+        "import edgegen.runtime, edgegen.runtime.manifest, edgegen.config, edgegen.tokenizer; "
+        "import edgegen.corpus, edgegen.files, edgegen.cli; "
         "import sys; assert 'torch' not in [m for m in sys.modules if sys.modules[m]]"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

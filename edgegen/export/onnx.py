@@ -1,0 +1,95 @@
+"""ONNX export through torch.export (the dynamo-based exporter).
+
+One graph serves prefill and decode: batch, seq and past are dynamic. The example
+inputs use sizes of at least 2 everywhere, because torch.export specialises dims
+it sees as 0 or 1; the parity grid then proves batch 1, seq 1 and past 0 work.
+
+RNN families use the legacy TorchScript-based exporter instead: torch.export
+specialises the sequence length of nn.RNN/GRU/LSTM (its decomposition unrolls
+time), while the legacy exporter maps them to ONNX's native RNN/GRU/LSTM ops
+with every axis dynamic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from edgegen.errors import ExportError
+from edgegen.export.spec import StepSpec
+
+MIN_OPSET = 18  # the dynamo-based exporter emits opset 18 and newer
+DEFAULT_OPSET = 18
+
+
+def export_onnx(spec: StepSpec, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    if opset < MIN_OPSET:
+        raise ExportError(
+            f"opset {opset} is too old: the exporter needs opset {MIN_OPSET} or newer"
+        )
+    example = tuple(spec.example(batch=3, seq=7, past=5).values())
+    if spec.is_gpt:
+        how = dict(dynamo=True, dynamic_shapes=spec.dynamic_shapes(), external_data=False)
+    else:
+        how = dict(dynamo=False, dynamic_axes=spec.dynamic_axes())
+    with _quiet_exporter(), torch.no_grad():
+        try:
+            torch.onnx.export(
+                spec.module,
+                example,
+                str(path),
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                opset_version=opset,
+                verbose=False,
+                **how,
+            )
+        except Exception as e:  # the exporter raises many types; report one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"ONNX export failed: {first}") from e
+    name_dims(path, spec)
+
+
+def name_dims(path: Path, spec: StepSpec) -> None:
+    """Replace the exporter's symbols (s10, s70 + s89, ...) with the signature's dim names,
+    so a graph viewer and the manifest say the same thing."""
+    model = onnx.load(str(path))
+    declared = {io["name"]: io["shape"] for io in spec.inputs + spec.outputs}
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        shape = declared[value.name]
+        if len(dims) != len(shape):
+            raise ExportError(f"ONNX {value.name} has rank {len(dims)}, expected {len(shape)}")
+        for dim, want in zip(dims, shape, strict=True):
+            if isinstance(want, str):
+                dim.dim_param = want
+            elif dim.HasField("dim_value") and dim.dim_value != want:
+                raise ExportError(
+                    f"ONNX {value.name} has a dim of {dim.dim_value}, expected {want}"
+                )
+            else:
+                dim.dim_value = want
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter prints progress and logs optional-dependency notes; none of it is ours."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)

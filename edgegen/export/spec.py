@@ -1,0 +1,196 @@
+"""What a family's step function looks like from outside: I/O names, dtypes, symbolic
+dims, state pairs, and how to make inputs for it. Export, parity and the manifest
+all read this; the model code knows nothing of it.
+
+    GPT  input_ids[batch,seq] position_ids[batch,seq] attention_mask[batch,total]
+         past_key_values.{i}.key|value[batch,heads,past,head_dim]
+      -> logits[batch,seq,vocab] present.{i}.key|value[batch,heads,total,head_dim]
+    RNN  input_ids[batch,seq] state.h[layers,batch,hidden] (state.c for LSTM)
+      -> logits[batch,seq,vocab] state_out.h (state_out.c)
+
+`total` is past + seq. The state outputs feed the state inputs of the next step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgegen.config import GPTConfig
+from edgegen.models import GPT, RNNLM
+
+
+class GPTStep(nn.Module):
+    """GPT with positional step inputs: (input_ids, position_ids, attention_mask, *past)."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, attention_mask, *past_key_values):
+        return self.model(
+            input_ids, *past_key_values, position_ids=position_ids, attention_mask=attention_mask
+        )
+
+
+class RNNStep(nn.Module):
+    def __init__(self, model: RNNLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, *state):
+        return self.model(input_ids, *state)
+
+
+@dataclass
+class StepSpec:
+    module: nn.Module  # the step as a module with positional inputs, in eval mode
+    inputs: list[dict[str, Any]]  # {"name", "dtype", "shape"}; state inputs last
+    outputs: list[dict[str, Any]]  # logits first, then the new state in the same order
+    n_state: int
+    layout: dict[str, Any] = field(default_factory=dict)  # family facts the runtime needs
+
+    @property
+    def input_names(self) -> list[str]:
+        return [io["name"] for io in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [io["name"] for io in self.outputs]
+
+    @property
+    def is_gpt(self) -> bool:
+        return isinstance(self.module, GPTStep)
+
+    def signature(self) -> dict[str, Any]:
+        state_in = self.inputs[-self.n_state :]
+        state_out = self.outputs[-self.n_state :]
+        return {
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "state": [
+                {"input": i["name"], "output": o["name"]}
+                for i, o in zip(state_in, state_out, strict=True)
+            ],
+            "dims": DIMS,
+            "layout": self.layout,
+        }
+
+    def dynamic_shapes(self) -> tuple:
+        """torch.export's dynamic shapes, shaped like the step's (args, *state) signature."""
+        dynamic = [
+            {
+                axis: torch.export.Dim.DYNAMIC
+                for axis, d in enumerate(io["shape"])
+                if isinstance(d, str)
+            }
+            for io in self.inputs
+        ]
+        return (*dynamic[: -self.n_state], tuple(dynamic[-self.n_state :]))
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """The legacy exporter's dynamic axes: every named dim of every input and output."""
+        return {
+            io["name"]: {axis: d for axis, d in enumerate(io["shape"]) if isinstance(d, str)}
+            for io in self.inputs + self.outputs
+        }
+
+    def example(self, batch: int, seq: int, past: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Step inputs with a real state: the eager model's state after `past` tokens.
+
+        GPT rows after the first are left-padded by a few tokens, so padding is always
+        exercised when batch > 1.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, 256, (batch, past + seq), generator=gen)
+        if self.is_gpt:
+            return self._gpt_example(ids, past)
+        model = self.module.model
+        state = model.init_state(batch)
+        if past:
+            with torch.no_grad():
+                _, *state = model(ids[:, :past], *state)
+        return dict(zip(self.input_names, (ids[:, past:], *state), strict=True))
+
+    def _gpt_example(self, ids: torch.Tensor, past: int) -> dict[str, torch.Tensor]:
+        batch, total = ids.shape
+        mask = torch.ones(batch, total, dtype=torch.int64)
+        for row in range(1, batch):
+            mask[row, : min(2 * row, total - 1)] = 0  # keep at least one real token per row
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        model = self.module.model
+        state = model.init_state(batch)
+        if past:
+            with torch.no_grad():
+                _, *state = model(
+                    ids[:, :past], position_ids=positions[:, :past], attention_mask=mask[:, :past]
+                )
+        values = (ids[:, past:], positions[:, past:], mask, *state)
+        return dict(zip(self.input_names, values, strict=True))
+
+    def advance(
+        self, feeds: dict[str, torch.Tensor], outputs: list, next_ids: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Inputs of the next decode step: the new state and one token per row."""
+        state = [torch.as_tensor(o) for o in outputs[-self.n_state :]]
+        if not self.is_gpt:
+            return dict(zip(self.input_names, (next_ids[:, None], *state), strict=True))
+        mask = torch.cat([feeds["attention_mask"], torch.ones_like(next_ids)[:, None]], dim=1)
+        positions = feeds["position_ids"][:, -1:] + 1
+        values = (next_ids[:, None], positions, mask, *state)
+        return dict(zip(self.input_names, values, strict=True))
+
+
+DIMS = {
+    "batch": "sequences in the batch",
+    "seq": "tokens fed in this step (prompt length at prefill, 1 when decoding)",
+    "past": "tokens already in the KV cache",
+    "total": "past + seq",
+}
+
+
+def step_spec(model: GPT | RNNLM) -> StepSpec:
+    model = model.eval()
+    cfg = model.config
+    logits = {"name": "logits", "dtype": "float32", "shape": ["batch", "seq", cfg.vocab_size]}
+    ids = {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}
+    if isinstance(cfg, GPTConfig):
+        kv = ["batch", cfg.n_heads, "past", cfg.head_dim]
+        present = ["batch", cfg.n_heads, "total", cfg.head_dim]
+        layers = [(i, part) for i in range(cfg.n_layers) for part in ("key", "value")]
+        inputs = [
+            ids,
+            {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+            {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total"]},
+        ] + [
+            {"name": f"past_key_values.{i}.{p}", "dtype": "float32", "shape": kv} for i, p in layers
+        ]
+        outputs = [logits] + [
+            {"name": f"present.{i}.{p}", "dtype": "float32", "shape": present} for i, p in layers
+        ]
+        layout = {
+            "kind": "kv_cache",
+            "kv_axes": ["batch", "heads", "seq", "head_dim"],
+            "n_layers": cfg.n_layers,
+            "n_heads": cfg.n_heads,
+            "head_dim": cfg.head_dim,
+            "seq_axis": 2,
+            "max_seq_len": cfg.max_seq_len,
+        }
+        return StepSpec(GPTStep(model).eval(), inputs, outputs, len(layers), layout)
+    shape = [cfg.n_layers, "batch", cfg.hidden_size]
+    names = model.state_names
+    inputs = [ids] + [{"name": f"state.{n}", "dtype": "float32", "shape": shape} for n in names]
+    outputs = [logits] + [
+        {"name": f"state_out.{n}", "dtype": "float32", "shape": shape} for n in names
+    ]
+    layout = {
+        "kind": "recurrent",
+        "cell": cfg.cell,
+        "n_layers": cfg.n_layers,
+        "hidden_size": cfg.hidden_size,
+    }
+    return StepSpec(RNNStep(model).eval(), inputs, outputs, len(names), layout)

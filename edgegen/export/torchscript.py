@@ -1,0 +1,41 @@
+"""TorchScript export: the step module traced on example inputs.
+
+Tracing records one path through the code; the step has no data-dependent
+branches once position_ids and attention_mask are given, and the parity grid
+(batch 1/3, seq 1/7, past 0/5, padded rows) proves the trace general before a
+bundle is published. The file loads with `torch.jit.load` alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from edgegen.errors import ExportError
+from edgegen.export.spec import StepSpec
+
+
+def export_torchscript(spec: StepSpec, path: Path, opset: int | None = None) -> None:
+    example = tuple(spec.example(batch=3, seq=7, past=5).values())
+    # TorchScript is deprecated upstream but is a supported edgegen format: silence
+    # its deprecation and tracer notes here only.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            with torch.no_grad():
+                traced = torch.jit.trace(spec.module, example, check_trace=False)
+            torch.jit.save(traced, str(path))
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"TorchScript export failed: {first}") from e
+
+
+def load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu").eval()

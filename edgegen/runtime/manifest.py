@@ -1,0 +1,197 @@
+"""The bundle manifest: its schema, reading and validation (torch-free).
+
+A bundle is a directory whose `manifest.json` says everything the runtime needs:
+the model family and config, the tokenizer, the step signature (names, dtypes,
+symbolic dims, which output feeds which state input), every artifact with its
+format, precision, opset and sha256, the export parity report, generation
+defaults, and the versions of the tools that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from edgegen.config import ModelConfig, config_from_dict
+from edgegen.errors import BundleError, EdgegenError
+from edgegen.files import sha256_file
+from edgegen.tokenizer import Tokenizer, tokenizer_from_dict
+
+MANIFEST_FILE = "manifest.json"
+FORMAT_NAME = "edgegen-bundle"
+FORMAT_VERSION = 1
+ARTIFACT_FORMATS = ("onnx", "torchscript")
+PRECISIONS = ("fp32",)
+DTYPES = ("int64", "float32")
+
+_REQUIRED = {
+    "format": str,
+    "format_version": int,
+    "model": dict,
+    "tokenizer": dict,
+    "signature": dict,
+    "artifacts": list,
+    "parity": dict,
+    "generation": dict,
+    "producer": dict,
+}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: str  # relative to the bundle, POSIX separators
+    format: str  # "onnx" or "torchscript"
+    precision: str  # "fp32"
+    sha256: str
+    bytes: int
+    opset: int | None = None  # ONNX only
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dict(vars(self))
+        if self.opset is None:
+            del data["opset"]
+        return data
+
+
+@dataclass(frozen=True)
+class Manifest:
+    directory: Path
+    data: dict[str, Any]
+    config: ModelConfig
+    tokenizer: Tokenizer
+    artifacts: tuple[Artifact, ...]
+
+    @property
+    def signature(self) -> dict[str, Any]:
+        return self.data["signature"]
+
+    @property
+    def generation(self) -> dict[str, Any]:
+        return self.data["generation"]
+
+    def artifact(self, format: str, precision: str = "fp32") -> Artifact:
+        for artifact in self.artifacts:
+            if artifact.format == format and artifact.precision == precision:
+                return artifact
+        have = ", ".join(f"{a.format}/{a.precision}" for a in self.artifacts) or "none"
+        raise BundleError(
+            f"bundle {self.directory} has no {format} {precision} artifact (it has: {have})"
+        )
+
+    def path_of(self, artifact: Artifact) -> Path:
+        return self.directory / artifact.path
+
+
+def read_manifest(directory: str | Path, verify_hashes: bool = True) -> Manifest:
+    """Read and validate a bundle's manifest; with `verify_hashes`, check every artifact file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BundleError(f"bundle directory not found: {directory}")
+    path = directory / MANIFEST_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{directory} is not a bundle: it has no {MANIFEST_FILE}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"cannot read {path}: {e}") from None
+    manifest = parse_manifest(data, directory)
+    if verify_hashes:
+        for artifact in manifest.artifacts:
+            verify_artifact(manifest, artifact)
+    return manifest
+
+
+def parse_manifest(data: Any, directory: Path) -> Manifest:
+    if not isinstance(data, dict):
+        raise BundleError("manifest must be a JSON object")
+    for key, kind in _REQUIRED.items():
+        if key not in data:
+            raise BundleError(f"manifest is missing the field {key!r}")
+        if not isinstance(data[key], kind):
+            raise BundleError(f"manifest field {key!r} must be a {kind.__name__}")
+    if data["format"] != FORMAT_NAME:
+        raise BundleError(f"not an edgegen bundle manifest (format {data['format']!r})")
+    version = data["format_version"]
+    if version > FORMAT_VERSION or version < 1:
+        raise BundleError(
+            f"bundle format version {version} is not supported: this edgegen reads "
+            f"version {FORMAT_VERSION} (upgrade edgegen to read newer bundles)"
+        )
+    try:
+        config = config_from_dict(
+            {"family": data["model"].get("family"), **data["model"].get("config", {})}
+        )
+        tokenizer = tokenizer_from_dict(data["tokenizer"].get("spec"))
+    except EdgegenError as e:
+        raise BundleError(f"manifest: {e}") from None
+    _check_signature(data["signature"])
+    artifacts = tuple(_parse_artifact(a) for a in data["artifacts"])
+    if not artifacts:
+        raise BundleError("manifest lists no artifacts")
+    return Manifest(directory, data, config, tokenizer, artifacts)
+
+
+def verify_artifact(manifest: Manifest, artifact: Artifact) -> Path:
+    """The artifact's path, after checking it exists inside the bundle with the right hash."""
+    path = manifest.path_of(artifact)
+    root = manifest.directory.resolve()
+    if not path.resolve().is_relative_to(root):
+        raise BundleError(f"artifact {artifact.path} resolves outside the bundle directory")
+    if not path.is_file():
+        raise BundleError(f"bundle {manifest.directory} is missing {artifact.path}")
+    digest = sha256_file(path)
+    if digest != artifact.sha256:
+        raise BundleError(
+            f"{artifact.path} does not match its manifest hash (sha256 {digest[:12]}..., "
+            f"expected {artifact.sha256[:12]}...): the file is damaged or was changed"
+        )
+    return path
+
+
+def _parse_artifact(data: Any) -> Artifact:
+    if not isinstance(data, dict):
+        raise BundleError("each manifest artifact must be a JSON object")
+    try:
+        artifact = Artifact(**data)
+    except TypeError as e:
+        raise BundleError(f"manifest artifact {data.get('path')!r}: {e}") from None
+    _check_relative_path(artifact.path)
+    if artifact.format not in ARTIFACT_FORMATS:
+        raise BundleError(f"artifact {artifact.path}: unknown format {artifact.format!r}")
+    if artifact.precision not in PRECISIONS:
+        raise BundleError(f"artifact {artifact.path}: unknown precision {artifact.precision!r}")
+    if not isinstance(artifact.sha256, str) or len(artifact.sha256) != 64:
+        raise BundleError(f"artifact {artifact.path}: sha256 must be 64 hex digits")
+    return artifact
+
+
+def _check_relative_path(path: Any) -> None:
+    if not isinstance(path, str) or not path:
+        raise BundleError("artifact path must be a non-empty string")
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or "\\" in path or ":" in path or ".." in pure.parts:
+        raise BundleError(f"artifact path {path!r} must stay inside the bundle directory")
+
+
+def _check_signature(signature: dict[str, Any]) -> None:
+    for key in ("inputs", "outputs", "state"):
+        if not isinstance(signature.get(key), list):
+            raise BundleError(f"manifest signature is missing its {key!r} list")
+    names = {}
+    for io in signature["inputs"] + signature["outputs"]:
+        if not isinstance(io, dict) or not isinstance(io.get("name"), str):
+            raise BundleError("each signature input/output needs a name")
+        if io.get("dtype") not in DTYPES:
+            raise BundleError(f"signature {io['name']}: unknown dtype {io.get('dtype')!r}")
+        if not isinstance(io.get("shape"), list):
+            raise BundleError(f"signature {io['name']}: shape must be a list")
+        names[io["name"]] = io
+    for pair in signature["state"]:
+        if (
+            not isinstance(pair, dict)
+            or pair.get("input") not in names
+            or pair.get("output") not in names
+        ):
+            raise BundleError(f"signature state entry {pair!r} names an unknown input or output")
