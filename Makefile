@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 RUNS ?= runs
-DEMO_STEPS ?= 1200
+DEMO_STEPS ?= 1000
 
 .PHONY: setup demo test lint format clean
 
@@ -22,6 +22,8 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/edgegen train --family gpt --preset tiny --steps $(DEMO_STEPS) --out $(RUNS)/gpt-tiny --force
 	$(BIN)/edgegen train --family rnn --cell gru --preset tiny --steps $(DEMO_STEPS) --out $(RUNS)/gru-tiny --force
+	$(BIN)/edgegen export $(RUNS)/gpt-tiny --out $(RUNS)/gpt-tiny.bundle --force
+	$(BIN)/edgegen export $(RUNS)/gru-tiny --out $(RUNS)/gru-tiny.bundle --force
 	$(BIN)/edgegen sample $(RUNS)/gpt-tiny --prompt "Return the " --prompt "This module provides"
 	$(BIN)/edgegen sample $(RUNS)/gru-tiny --prompt "Return the " --prompt "This module provides"
 

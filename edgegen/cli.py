@@ -120,7 +120,9 @@ def train_command(overrides, resume, force, quiet, **kwargs) -> None:
     show_default=True,
     help="Text to continue (repeatable).",
 )
-@click.option("--max-new-tokens", type=int, default=120, show_default=True)
+@click.option(
+    "--max-new-tokens", type=int, default=None, help="[default: 120, or what the context leaves]"
+)
 @click.option("--temperature", type=float, default=0.8, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=None)
 @click.option("--top-p", type=float, default=None)

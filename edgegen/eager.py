@@ -10,6 +10,8 @@ from edgegen.errors import GenerationError
 from edgegen.runtime import Sampler, generate_ids
 from edgegen.tokenizer import Tokenizer
 
+DEFAULT_NEW_TOKENS = 120
+
 
 class EagerBackend:
     """Runs a model's step function and keeps its state between calls."""
@@ -38,11 +40,19 @@ def generate_text(
     tokenizer: Tokenizer,
     prompt: str,
     sampler: Sampler,
-    max_new_tokens: int = 100,
+    max_new_tokens: int | None = None,
 ) -> str:
-    """The continuation of `prompt` (which starts a document, so it follows BOS)."""
+    """The continuation of `prompt` (which starts a document, so it follows BOS).
+
+    `max_new_tokens=None` means DEFAULT_NEW_TOKENS, or fewer if the context ends first.
+    """
     prompt_ids = tokenizer.encode(prompt, bos=True)
     config = model.config
+    if max_new_tokens is None:
+        room = config.max_seq_len - len(prompt_ids) if isinstance(config, GPTConfig) else None
+        max_new_tokens = (
+            DEFAULT_NEW_TOKENS if room is None else max(0, min(DEFAULT_NEW_TOKENS, room))
+        )
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if isinstance(config, GPTConfig) and len(prompt_ids) + max_new_tokens > config.max_seq_len:

@@ -89,6 +89,15 @@ def test_sample_rejects_bad_sampling_values(tmp_path, text_file):
     assert result.exit_code == 1 and "exceeds the model's context" in result.stderr
 
 
+def test_sample_default_length_fits_the_context(tmp_path, text_file):
+    out = tmp_path / "ckpt"
+    run("train", "--data", text_file, "--steps", 1, "--out", out, "--quiet", *GPT_TINY)
+    result = run("sample", out, "--prompt", "x" * 120, "--temperature", 0)
+    assert result.exit_code == 0, result.output
+    result = run("sample", out, "--prompt", "x" * 200)
+    assert result.exit_code == 1 and "exceeds the model's context" in result.stderr
+
+
 def test_damaged_checkpoint(tmp_path, text_file):
     out = tmp_path / "ckpt"
     run("train", "--data", text_file, "--steps", 1, "--out", out, "--quiet", *GPT_TINY)
