@@ -110,34 +110,125 @@ def train_command(overrides, resume, force, quiet, **kwargs) -> None:
     )
 
 
+def sampling_options(command):
+    """The sampling flags shared by `generate` and `sample` (Hugging Face names)."""
+    options = [
+        click.option("--max-new-tokens", type=int, default=None, help="[default: the bundle's]"),
+        click.option("--min-new-tokens", type=int, default=None),
+        click.option("--temperature", type=float, default=None, help="0 = greedy."),
+        click.option("--top-k", type=int, default=None),
+        click.option("--top-p", type=float, default=None),
+        click.option("--min-p", type=float, default=None),
+        click.option("--repetition-penalty", type=float, default=None),
+        click.option("--presence-penalty", type=float, default=None),
+        click.option("--frequency-penalty", type=float, default=None),
+        click.option("--stop", multiple=True, help="Stop before this text (repeatable)."),
+        click.option("--ignore-eos", is_flag=True, default=None, help="Do not stop at EOS."),
+        click.option("--seed", type=int, default=None, help="Reproduce a sampled run."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@main.command("generate")
+@click.argument("bundle", type=click.Path())
+@click.option("--prompt", "prompts", multiple=True, help="Text to continue (repeatable: a batch).")
+@click.option("--prompt-file", type=click.Path(), default=None, help="Read the prompt from a file.")
+@click.option(
+    "--backend", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True
+)
+@click.option("--precision", default="fp32", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None, help="Intra-op threads.")
+@click.option("--stream", is_flag=True, help="Print text as it is generated.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@sampling_options
+def generate_command(
+    bundle,
+    prompts,
+    prompt_file,
+    backend,
+    precision,
+    device,
+    threads,
+    stream,
+    as_json,
+    stop,
+    **sampling,
+) -> None:
+    """Generate text from a bundle with the torch-free runtime (stdin when no prompt)."""
+    import edgegen.runtime
+
+    prompts = list(prompts) or [read_prompt(prompt_file)]
+    generator = edgegen.runtime.load(bundle, backend, precision, device, threads)
+    run_generation(generator, prompts, stream, as_json, stop=stop, **sampling)
+
+
 @main.command("sample")
 @click.argument("checkpoint", type=click.Path())
 @click.option(
     "--prompt",
     "prompts",
     multiple=True,
-    default=[""],
+    default=["The "],
     show_default=True,
     help="Text to continue (repeatable).",
 )
-@click.option(
-    "--max-new-tokens", type=int, default=None, help="[default: 120, or what the context leaves]"
-)
-@click.option("--temperature", type=float, default=0.8, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=int, default=None)
-@click.option("--top-p", type=float, default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
-def sample_command(checkpoint, prompts, max_new_tokens, temperature, top_k, top_p, seed) -> None:
-    """Continue prompts with a checkpoint in eager PyTorch."""
-    from edgegen.checkpoint import load_checkpoint
-    from edgegen.eager import generate_text
-    from edgegen.runtime import Sampler
+@click.option("--stream", is_flag=True, help="Print text as it is generated.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@sampling_options
+def sample_command(checkpoint, prompts, stream, as_json, stop, **sampling) -> None:
+    """Continue prompts with a checkpoint in eager PyTorch (same loop and sampler)."""
+    from edgegen.eager import load_eager
 
-    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    model, tokenizer = load_checkpoint(checkpoint)
-    for prompt in prompts:
-        text = generate_text(model, tokenizer, prompt, sampler, max_new_tokens)
-        click.echo(f"--- {prompt!r}\n{prompt}{text}")
+    run_generation(load_eager(checkpoint), list(prompts), stream, as_json, stop=stop, **sampling)
+
+
+def read_prompt(path: str | None) -> str:
+    from edgegen.errors import GenerationError
+
+    if path is None:
+        if sys.stdin.isatty():
+            raise GenerationError("no prompt: pass --prompt, --prompt-file, or text on stdin")
+        data, source = sys.stdin.buffer.read(), "stdin"
+    else:
+        try:
+            with open(path, "rb") as f:
+                data, source = f.read(), path
+        except OSError as e:
+            raise GenerationError(f"cannot read prompt file {path}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GenerationError(
+            f"prompt from {source} is not UTF-8 (bad byte at offset {e.start})"
+        ) from None
+
+
+def run_generation(generator, prompts, stream, as_json, **sampling) -> None:
+    import json
+
+    sampling = {k: v for k, v in sampling.items() if v is not None and v != ()}
+    if stream and not as_json and len(prompts) == 1:
+        click.echo(prompts[0], nl=False)
+        for piece in generator.stream(prompts[0], **sampling):
+            click.echo(piece, nl=False)
+        click.echo()
+        return
+    results = generator.generate_batch(prompts, **sampling)
+    if as_json:
+        click.echo(
+            json.dumps(
+                [{"prompt": p, **r.to_dict()} for p, r in zip(prompts, results, strict=True)],
+                indent=2,
+            )
+        )
+        return
+    for prompt, result in zip(prompts, results, strict=True):
+        if len(prompts) > 1:
+            click.echo(f"--- {prompt!r} ({result.finish_reason})")
+        click.echo(prompt + result.text)
 
 
 @main.command("export")

@@ -39,3 +39,7 @@ class ExportError(EdgegenError):
 
 class ParityError(ExportError):
     """An exported artifact disagrees with eager PyTorch beyond its tolerance."""
+
+
+class BackendError(EdgegenError):
+    """A backend or device is not available here."""

@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from edgegen.errors import SamplingError
-from edgegen.runtime import Sampler, generate_ids
-from edgegen.runtime.sampler import logits_to_probs
+from edgegen.runtime import Sampler
+from edgegen.runtime.sampler import SamplingParams, apply_penalties, logits_to_probs
 
 LOGITS = np.array([[0.0, 3.0, 1.0, 2.5, -1.0]])
 
@@ -57,33 +59,96 @@ def test_invalid_values(kwargs, message):
         Sampler(**kwargs)
 
 
-class CountingBackend:
-    """Predicts (last token + 1) mod 5; records the calls it gets."""
+# --- properties -------------------------------------------------------------------
 
-    def __init__(self):
-        self.calls = []
-
-    def _logits(self, token):
-        logits = np.zeros((1, 5))
-        logits[0, (token + 1) % 5] = 10
-        return logits
-
-    def prefill(self, input_ids):
-        self.calls.append(("prefill", input_ids.tolist()))
-        return self._logits(input_ids[0, -1])
-
-    def decode_one_token(self, token_ids):
-        self.calls.append(("decode", token_ids.tolist()))
-        return self._logits(token_ids[0])
+logit_rows = st.lists(st.floats(-20, 20), min_size=2, max_size=40).map(np.array)
 
 
-def test_loop_prefills_once_then_decodes_each_token():
-    backend = CountingBackend()
-    out = generate_ids(backend, [0, 1], Sampler(temperature=0), max_new_tokens=3)
-    assert out == [2, 3, 4]
-    assert backend.calls == [("prefill", [[0, 1]]), ("decode", [2]), ("decode", [3])]
+@given(
+    logit_rows,
+    st.floats(0.05, 5),
+    st.one_of(st.none(), st.integers(1, 50)),
+    st.one_of(st.none(), st.floats(0.01, 1.0)),
+    st.one_of(st.none(), st.floats(0, 1)),
+)
+def test_probabilities_stay_a_distribution(logits, temperature, top_k, top_p, min_p):
+    probs = logits_to_probs(logits, temperature, top_k, top_p, min_p)
+    assert np.all(probs >= 0) and probs.sum() == pytest.approx(1.0)
+    best = np.argmax(logits_to_probs(logits, temperature))
+    assert probs[best] > 0  # the most likely token always survives
 
 
-def test_loop_stops_at_eos():
-    out = generate_ids(CountingBackend(), [0], Sampler(temperature=0), 10, eos_id=3)
-    assert out == [1, 2]
+@given(
+    st.lists(st.floats(-20, 20), min_size=2, max_size=40, unique=True).map(np.array),
+    st.integers(1, 40),
+)
+def test_top_k_keeps_exactly_k(logits, k):
+    kept = set(np.flatnonzero(logits_to_probs(logits, 1.0, top_k=k)))
+    assert kept == set(np.argsort(-logits)[: min(k, len(logits))].tolist())
+
+
+@given(
+    st.lists(st.floats(-10, 10), min_size=2, max_size=30, unique=True).map(np.array),
+    st.floats(0.05, 0.99),
+)
+def test_top_p_keeps_the_smallest_prefix_reaching_p(logits, top_p):
+    full = logits_to_probs(logits, 1.0)
+    kept = np.flatnonzero(logits_to_probs(logits, 1.0, top_p=top_p))
+    order = np.argsort(-full)
+    assert set(kept) == set(order[: len(kept)].tolist())  # a prefix by probability
+    assert full[kept].sum() >= top_p - 1e-9 or len(kept) == len(logits)
+    assert len(kept) == 1 or full[order[: len(kept) - 1]].sum() < top_p + 1e-9  # nothing spare
+
+
+@given(logit_rows, st.floats(0.0, 1.0))
+def test_min_p_keeps_tokens_near_the_best(logits, min_p):
+    full = logits_to_probs(logits, 1.0)
+    kept = set(np.flatnonzero(logits_to_probs(logits, 1.0, min_p=min_p)))
+    assert kept == set(np.flatnonzero(full >= min_p * full.max()))
+
+
+@given(st.lists(st.floats(-20, 20), min_size=2, max_size=40).map(lambda v: np.array([v])))
+def test_greedy_equals_temperature_zero(logits):
+    a = Sampler(temperature=0)(logits)
+    b = Sampler(do_sample=False, temperature=1.5)(logits)
+    assert a.tolist() == b.tolist() == [int(np.argmax(logits))]
+
+
+def test_repetition_penalty_pushes_seen_tokens_down():
+    logits = np.array([[2.0, -2.0, 1.0, 0.5]])
+    params = SamplingParams(repetition_penalty=2.0)
+    row = logits[0].copy()
+    apply_penalties(row, [0, 1], [], params)
+    assert row.tolist() == [1.0, -4.0, 1.0, 0.5]  # positive halved, negative doubled, unseen kept
+    assert Sampler(temperature=0, repetition_penalty=3.0)(logits, seen=[[0]]).tolist() == [2]
+
+
+def test_presence_and_frequency_penalties():
+    row = np.zeros(4)
+    apply_penalties(
+        row, [], [1, 1, 1, 2], SamplingParams(presence_penalty=0.5, frequency_penalty=1.0)
+    )
+    assert row.tolist() == [0.0, -3.5, -1.5, 0.0]
+
+
+def test_min_new_tokens_suppresses_eos():
+    logits = np.array([[0.0, 10.0]])
+    sampler = Sampler(temperature=0, eos_token_id=1, min_new_tokens=2)
+    assert sampler(logits, generated=[[5]]).tolist() == [0]
+    assert sampler(logits, generated=[[5, 6]]).tolist() == [1]
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(min_p=1.5), "min_p"),
+        (dict(repetition_penalty=0), "repetition_penalty"),
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(top_k=2.5), "top_k"),
+        (dict(stop=[""]), "stop"),
+        (dict(colour=1), "unknown sampling parameter"),
+    ],
+)
+def test_more_invalid_values(kwargs, message):
+    with pytest.raises(SamplingError, match=message):
+        Sampler(**kwargs)

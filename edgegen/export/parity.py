@@ -21,7 +21,7 @@ import torch
 
 from edgegen.errors import ParityError
 from edgegen.export.spec import StepSpec
-from edgegen.export.torchscript import load_torchscript
+from edgegen.runtime.backends import RUNNERS as RUNTIME_RUNNERS
 
 TOLERANCE = {"fp32": 1e-4}  # max absolute difference on logits and state
 GRID = list(itertools.product((1, 3), (1, 7), (0, 5)))  # (batch, seq, past)
@@ -30,28 +30,10 @@ PROMPT_LEN, DECODE_STEPS = 7, 5
 Runner = Callable[[dict[str, torch.Tensor]], list[np.ndarray]]
 
 
-def onnx_runner(path: Path) -> Runner:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-    def run(feeds: dict[str, torch.Tensor]) -> list[np.ndarray]:
-        return session.run(None, {name: t.numpy() for name, t in feeds.items()})
-
-    return run
-
-
-def torchscript_runner(path: Path) -> Runner:
-    module = load_torchscript(path)
-
-    def run(feeds: dict[str, torch.Tensor]) -> list[np.ndarray]:
-        with torch.no_grad():
-            return [t.numpy() for t in module(*feeds.values())]
-
-    return run
-
-
-RUNNERS = {"onnx": onnx_runner, "torchscript": torchscript_runner}
+def artifact_runner(fmt: str, path: Path, spec: StepSpec) -> Runner:
+    """The runtime's own backend for the artifact, so the gate checks what users run."""
+    runner = RUNTIME_RUNNERS[fmt](path, spec.input_names)
+    return lambda feeds: runner.run({name: t.numpy() for name, t in feeds.items()})
 
 
 def check_parity(

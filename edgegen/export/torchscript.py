@@ -32,10 +32,3 @@ def export_torchscript(spec: StepSpec, path: Path, opset: int | None = None) -> 
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"TorchScript export failed: {first}") from e
-
-
-def load_torchscript(path: Path) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.jit.load(str(path), map_location="cpu").eval()

@@ -17,10 +17,11 @@ from edgegen.checkpoint import load_checkpoint
 from edgegen.config import GPTConfig, config_to_dict
 from edgegen.errors import ExportError
 from edgegen.export.onnx import DEFAULT_OPSET, export_onnx
-from edgegen.export.parity import RUNNERS, check_parity
+from edgegen.export.parity import artifact_runner, check_parity
 from edgegen.export.spec import step_spec
 from edgegen.export.torchscript import export_torchscript
 from edgegen.files import sha256_file, write_atomically, write_json
+from edgegen.runtime.generator import default_generation_config
 from edgegen.runtime.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -72,7 +73,7 @@ def export_bundle(
                 on_artifact(fmt)
             path = tmp / FILENAMES[fmt]
             EXPORTERS[fmt](spec, path, opset)
-            parity[path.name] = check_parity(spec, RUNNERS[fmt](path), path.name)
+            parity[path.name] = check_parity(spec, artifact_runner(fmt, path, spec), path.name)
             artifacts.append(
                 Artifact(
                     path=path.name,
@@ -91,7 +92,7 @@ def export_bundle(
             "signature": spec.signature(),
             "artifacts": [a.to_dict() for a in artifacts],
             "parity": {"reference": "eager PyTorch fp32", "artifacts": parity},
-            "generation": _generation_defaults(tokenizer, context),
+            "generation": default_generation_config(tokenizer, context),
             "producer": _producer(),
         }
         write_json(tmp / MANIFEST_FILE, manifest)
@@ -127,20 +128,6 @@ def _config_fields(config) -> dict[str, Any]:
     fields = config_to_dict(config)
     fields.pop("family")
     return fields
-
-
-def _generation_defaults(tokenizer, context: int | None) -> dict[str, Any]:
-    return {
-        "add_bos": True,  # training documents start with BOS
-        "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": tokenizer.eos_id,
-        "pad_token_id": tokenizer.pad_id,
-        "max_seq_len": context,  # None: unbounded (RNN)
-        "max_new_tokens": 128,
-        "temperature": 0.8,
-        "top_k": 40,
-        "top_p": 0.95,
-    }
 
 
 def _producer() -> dict[str, str]:

@@ -1,9 +1,52 @@
-"""The torch-free side of edgegen: sampling and the generation loop.
+"""The torch-free runtime: load a bundle and generate text.
 
-Imports numpy only (onnxruntime once bundles land); never torch.
+    import edgegen.runtime
+    gen = edgegen.runtime.load("runs/gpt-tiny.bundle")           # ONNX Runtime, CPU
+    print(gen.generate("Return the ", max_new_tokens=60, seed=0).text)
+
+Imports numpy and onnxruntime only; the TorchScript backend imports torch lazily.
 """
 
-from edgegen.runtime.loop import StepBackend, generate_ids
-from edgegen.runtime.sampler import Sampler
+from __future__ import annotations
 
-__all__ = ["Sampler", "StepBackend", "generate_ids"]
+from pathlib import Path
+
+from edgegen.errors import BackendError
+from edgegen.runtime.backends import DEVICES, RUNNERS
+from edgegen.runtime.generator import GenerationResult, Generator
+from edgegen.runtime.manifest import Manifest, read_manifest
+from edgegen.runtime.sampler import Sampler, SamplingParams
+
+__all__ = [
+    "BACKENDS",
+    "GenerationResult",
+    "Generator",
+    "Manifest",
+    "Sampler",
+    "SamplingParams",
+    "load",
+    "read_manifest",
+]
+
+BACKENDS = tuple(RUNNERS)
+
+
+def load(
+    bundle_dir: str | Path,
+    backend: str = "onnx",
+    precision: str = "fp32",
+    device: str = "cpu",
+    threads: int | None = None,
+) -> Generator:
+    """A Generator over one artifact of a bundle, after validating the manifest and hashes."""
+    if backend not in RUNNERS:
+        raise BackendError(f"unknown backend {backend!r}; choose from {', '.join(RUNNERS)}")
+    if device not in DEVICES:
+        raise BackendError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise BackendError(f"threads must be a positive integer, got {threads!r}")
+    manifest = read_manifest(bundle_dir)
+    artifact = manifest.artifact(backend, precision)
+    input_names = [io["name"] for io in manifest.signature["inputs"]]
+    runner = RUNNERS[backend](manifest.path_of(artifact), input_names, device, threads)
+    return Generator(runner, manifest.signature, manifest.tokenizer, manifest.generation, backend)

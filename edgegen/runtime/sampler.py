@@ -1,44 +1,147 @@
-"""Next-token sampling in numpy. The sampler owns its RNG, so a seed reproduces a run
-on every backend; temperature 0 means argmax."""
+"""Next-token sampling in numpy, the same code for every backend.
+
+Parameters are named as Hugging Face `generate` names them. The sampler owns its
+RNG, so the same seed gives the same tokens on every backend; temperature 0 (or
+do_sample=False) means argmax. Order: penalties, EOS suppression (min_new_tokens),
+temperature, top-k, top-p, min-p, then one uniform draw per row.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from edgegen.errors import SamplingError
 
 
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0  # EOS is suppressed until this many tokens exist
+    do_sample: bool | None = None  # None: sample unless temperature is 0
+    temperature: float = 1.0
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float | None = None  # keep the smallest set with this much probability
+    min_p: float | None = None  # keep tokens with p >= min_p * p(most likely)
+    repetition_penalty: float = 1.0  # HF: divide (or multiply, if negative) seen tokens' logits
+    presence_penalty: float = 0.0  # subtract once from every generated token's logit
+    frequency_penalty: float = 0.0  # subtract per occurrence among generated tokens
+    stop: tuple[str, ...] = ()  # stop before any of these strings
+    eos_token_id: int | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            _is_int(self.max_new_tokens) and self.max_new_tokens >= 0,
+            "max_new_tokens must be an integer >= 0",
+        )
+        _check(
+            _is_int(self.min_new_tokens) and self.min_new_tokens >= 0,
+            "min_new_tokens must be an integer >= 0",
+        )
+        _check(_finite(self.temperature) and self.temperature >= 0, "temperature must be >= 0")
+        _check(
+            self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1),
+            "top_k must be an integer >= 1",
+        )
+        _check(
+            self.top_p is None or (_finite(self.top_p) and 0 < self.top_p <= 1),
+            "top_p must be in (0, 1]",
+        )
+        _check(
+            self.min_p is None or (_finite(self.min_p) and 0 <= self.min_p <= 1),
+            "min_p must be in [0, 1]",
+        )
+        _check(
+            _finite(self.repetition_penalty) and self.repetition_penalty > 0,
+            "repetition_penalty must be > 0",
+        )
+        _check(_finite(self.presence_penalty), "presence_penalty must be a finite number")
+        _check(_finite(self.frequency_penalty), "frequency_penalty must be a finite number")
+        _check(self.do_sample in (None, True, False), "do_sample must be true or false")
+        _check(self.seed is None or _is_int(self.seed), "seed must be an integer")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        _check(all(isinstance(s, str) and s for s in stop), "stop must be non-empty strings")
+        object.__setattr__(self, "stop", stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.do_sample is False or self.temperature == 0
+
+    @classmethod
+    def build(cls, defaults: dict[str, Any], overrides: dict[str, Any]) -> SamplingParams:
+        """Bundle defaults, then the caller's values; unknown names are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise SamplingError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+        values = {k: v for k, v in defaults.items() if k in known}
+        values.update({k: v for k, v in overrides.items() if v is not None or k == "seed"})
+        try:
+            return cls(**values)
+        except TypeError as e:
+            raise SamplingError(str(e)) from None
+
+
 class Sampler:
-    def __init__(
+    def __init__(self, params: SamplingParams | None = None, **kwargs: Any) -> None:
+        self.params = params or SamplingParams.build({}, kwargs)
+        self.rng = np.random.default_rng(self.params.seed)
+
+    def __call__(
         self,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-    ) -> None:
-        if not np.isfinite(temperature) or temperature < 0:
-            raise SamplingError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise SamplingError(f"top_k must be >= 1, got {top_k}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise SamplingError(f"top_p must be in (0, 1], got {top_p}")
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.rng = np.random.default_rng(seed)
-
-    def __call__(self, logits: np.ndarray) -> np.ndarray:
-        """logits [B, V] -> token ids [B]."""
-        logits = np.asarray(logits, dtype=np.float64)
-        if self.temperature == 0:
+        logits: np.ndarray,
+        seen: Sequence[Sequence[int]] | None = None,
+        generated: Sequence[Sequence[int]] | None = None,
+    ) -> np.ndarray:
+        """logits [B, V] -> token ids [B]. `seen`: prompt + generated ids per row (for
+        the repetition penalty); `generated`: ids generated so far per row."""
+        p = self.params
+        logits = np.array(logits, dtype=np.float64)
+        for b in range(logits.shape[0]):
+            if seen is not None or generated is not None:
+                apply_penalties(
+                    logits[b], seen[b] if seen else (), generated[b] if generated else (), p
+                )
+            if (
+                p.eos_token_id is not None
+                and generated is not None
+                and len(generated[b]) < p.min_new_tokens
+            ):
+                logits[b, p.eos_token_id] = -np.inf
+        if p.greedy:
             return logits.argmax(axis=-1)
-        return np.array([self._sample_row(row) for row in logits], dtype=np.int64)
+        out = np.empty(logits.shape[0], dtype=np.int64)
+        for b, row in enumerate(logits):
+            probs = logits_to_probs(row, p.temperature, p.top_k, p.top_p, p.min_p)
+            cumulative = np.cumsum(probs)
+            draw = self.rng.random() * cumulative[-1]
+            out[b] = min(int(np.searchsorted(cumulative, draw, side="right")), len(probs) - 1)
+        return out
 
-    def _sample_row(self, logits: np.ndarray) -> int:
-        probs = logits_to_probs(logits, self.temperature, self.top_k, self.top_p)
-        return int(self.rng.choice(probs.shape[0], p=probs))
+
+def apply_penalties(logits: np.ndarray, seen, generated, p: SamplingParams) -> None:
+    """In place, on one row of logits."""
+    if p.repetition_penalty != 1.0 and len(seen):
+        ids = np.unique(np.asarray(seen, dtype=np.int64))
+        values = logits[ids]
+        logits[ids] = np.where(
+            values > 0, values / p.repetition_penalty, values * p.repetition_penalty
+        )
+    if (p.presence_penalty or p.frequency_penalty) and len(generated):
+        ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+        logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
 
 
-def logits_to_probs(logits: np.ndarray, temperature: float, top_k=None, top_p=None) -> np.ndarray:
-    """Probabilities after temperature, then top-k, then nucleus (top-p) filtering."""
+def logits_to_probs(
+    logits: np.ndarray, temperature: float, top_k=None, top_p=None, min_p=None
+) -> np.ndarray:
+    """Probabilities after temperature, top-k, nucleus (top-p) and min-p filtering."""
     scaled = logits / temperature
     if top_k is not None and top_k < scaled.shape[-1]:
         kth = np.partition(scaled, -top_k)[-top_k]
@@ -49,8 +152,25 @@ def logits_to_probs(logits: np.ndarray, temperature: float, top_k=None, top_p=No
         order = np.argsort(-probs, kind="stable")
         cumulative = np.cumsum(probs[order])
         # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        keep = order[: int(np.searchsorted(cumulative, top_p)) + 1]
-        filtered = np.zeros_like(probs)
-        filtered[keep] = probs[keep]
-        probs = filtered / filtered.sum()
-    return probs
+        drop = order[int(np.searchsorted(cumulative, top_p)) + 1 :]
+        probs[drop] = 0.0
+    if min_p:
+        probs[probs < min_p * probs.max()] = 0.0
+    return probs / probs.sum()
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise SamplingError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    return (
+        isinstance(value, int | float | np.floating)
+        and not isinstance(value, bool)
+        and bool(np.isfinite(value))
+    )

@@ -1,0 +1,80 @@
+"""Backends run one step of an artifact: `run(feeds) -> outputs` in signature order.
+
+ONNX Runtime needs only numpy. TorchScript imports torch lazily, only when chosen.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from edgegen.errors import BackendError
+
+DEVICES = ("cpu", "cuda")
+
+
+class OnnxRunner:
+    def __init__(
+        self, path: Path, input_names: list[str], device: str = "cpu", threads: int | None = None
+    ) -> None:
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendError(
+                    "device cuda needs ONNX Runtime's CUDA execution provider, which this "
+                    "onnxruntime lacks: pip uninstall onnxruntime && pip install onnxruntime-gpu"
+                )
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise BackendError(
+                f"ONNX Runtime cannot load {path.name}: {str(e).splitlines()[0]}"
+            ) from None
+        self.input_names = input_names
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, feeds)
+
+
+class TorchScriptRunner:
+    def __init__(
+        self, path: Path, input_names: list[str], device: str = "cpu", threads: int | None = None
+    ) -> None:
+        try:
+            import torch
+        except ImportError:
+            raise BackendError(
+                "the torchscript backend needs torch: pip install 'edgegen[export]'"
+            ) from None
+        if device == "cuda" and not torch.cuda.is_available():
+            raise BackendError("device cuda was asked for, but torch sees no CUDA GPU")
+        if threads:
+            torch.set_num_threads(threads)
+        with (
+            warnings.catch_warnings()
+        ):  # TorchScript is deprecated upstream; still a supported format here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            self.module = torch.jit.load(str(path), map_location=device).eval()
+        self.torch, self.device, self.input_names = torch, torch.device(device), input_names
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        torch = self.torch
+        with torch.inference_mode():
+            args = [
+                torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device)
+                for n in self.input_names
+            ]
+            return [t.float().cpu().numpy() for t in self.module(*args)]
+
+
+RUNNERS = {"onnx": OnnxRunner, "torchscript": TorchScriptRunner}

@@ -1,0 +1,225 @@
+"""Text generation over a Decoder: one loop for every backend and both families.
+
+    prompt -> ids -> prefill -> [sample -> decode_one_token]* -> text
+
+`generate` returns a result, `stream` yields text pieces as tokens arrive (never
+half a UTF-8 character, never text that may turn out to start a stop string),
+`generate_batch` serves prompts of different lengths in one batch.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgegen.errors import GenerationError
+from edgegen.runtime.decoder import Decoder, StepRunner
+from edgegen.runtime.sampler import Sampler, SamplingParams
+from edgegen.tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated ids (the stop string's tokens included, EOS not)
+    finish_reason: str  # "length", "eos" or "stop"
+    prompt_tokens: int
+    prefill_s: float  # time to first token's logits
+    decode_s: list[float] = field(default_factory=list)  # per decode step
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+class Generator:
+    def __init__(
+        self,
+        runner: StepRunner,
+        signature: dict[str, Any],
+        tokenizer: Tokenizer,
+        generation: dict[str, Any],
+        backend: str,
+    ) -> None:
+        self.runner, self.signature, self.tokenizer = runner, signature, tokenizer
+        self.defaults = {k: v for k, v in generation.items() if k in _SAMPLING_DEFAULTS}
+        self.defaults.setdefault("eos_token_id", generation.get("eos_token_id", tokenizer.eos_id))
+        self.add_bos = generation.get("add_bos", True)
+        self.context = generation.get("max_seq_len")
+        self.backend = backend
+
+    def generate(self, prompt: str, **sampling: Any) -> GenerationResult:
+        return self.generate_batch([prompt], **sampling)[0]
+
+    def generate_batch(self, prompts: list[str], **sampling: Any) -> list[GenerationResult]:
+        run = Run(self, prompts, sampling)
+        for _ in run.steps():
+            pass
+        return run.results()
+
+    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+        run = Run(self, [prompt], sampling)
+        text = TextStream(run.params.stop)
+        for _ in run.steps():
+            piece = text.feed(run.buffers[0], final=run.finished[0] is not None)
+            if piece:
+                yield piece
+        tail = text.feed(run.buffers[0], final=True)
+        if tail:
+            yield tail
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise GenerationError(f"a prompt must be text, got {type(prompt).__name__}")
+        if not prompt:
+            raise GenerationError("the prompt is empty")
+        return self.tokenizer.encode(prompt, bos=self.add_bos)
+
+
+_SAMPLING_DEFAULTS = {
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+}
+
+
+class Run:
+    """The mutable state of one generate call: ids, bytes and finish state per row."""
+
+    def __init__(self, generator: Generator, prompts: list[str], sampling: dict[str, Any]) -> None:
+        if not prompts:
+            raise GenerationError("no prompts given")
+        self.g = generator
+        self.prompts = [generator.encode_prompt(p) for p in prompts]
+        longest = max(len(p) for p in self.prompts)
+        defaults = dict(generator.defaults)
+        if generator.context is not None and "max_new_tokens" in defaults:
+            # the bundle's default length gives way to the context; a length asked for does not
+            room = max(0, generator.context - longest)
+            defaults["max_new_tokens"] = min(defaults["max_new_tokens"], room)
+        self.params = params = SamplingParams.build(defaults, sampling)
+        if generator.context is not None:
+            if longest + params.max_new_tokens > generator.context:
+                raise GenerationError(
+                    f"prompt ({longest} tokens) plus max_new_tokens ({params.max_new_tokens}) "
+                    f"exceeds the model's context of {generator.context} tokens"
+                )
+        n = len(prompts)
+        self.generated: list[list[int]] = [[] for _ in range(n)]
+        self.seen = [list(p) for p in self.prompts]
+        self.buffers = [bytearray() for _ in range(n)]
+        self.stop_at: list[int | None] = [None] * n  # byte offset where a stop string begins
+        self.finished: list[str | None] = [None] * n
+        self.prefill_s, self.decode_s = 0.0, []
+
+    def steps(self) -> Iterator[None]:
+        """Yields after every sampled token (so a stream can emit it)."""
+        p = self.params
+        decoder = Decoder(self.g.runner, self.g.signature, self.g.tokenizer.pad_id)
+        sampler = Sampler(p)
+        if p.max_new_tokens == 0:
+            self.finished = ["length"] * len(self.prompts)
+            return
+        start = time.perf_counter()
+        logits = decoder.prefill(self.prompts)
+        self.prefill_s = time.perf_counter() - start
+        for step in range(p.max_new_tokens):
+            _check_finite(logits, step)
+            tokens = sampler(logits, self.seen, self.generated)
+            for row, token in enumerate(tokens):
+                if self.finished[row] is None:
+                    self._accept(row, int(token))
+            yield
+            if all(self.finished):
+                return
+            start = time.perf_counter()
+            logits = decoder.decode_one_token(
+                np.where([f is None for f in self.finished], tokens, self.g.tokenizer.pad_id)
+            )
+            self.decode_s.append(time.perf_counter() - start)
+
+    def _accept(self, row: int, token: int) -> None:
+        p = self.params
+        if token == p.eos_token_id and not p.ignore_eos:
+            self.finished[row] = "eos"
+            return
+        self.generated[row].append(token)
+        self.seen[row].append(token)
+        new = self.g.tokenizer.decode_bytes([token])
+        buffer = self.buffers[row]
+        buffer += new
+        for stop in p.stop:
+            needle = stop.encode("utf-8")
+            at = buffer.find(needle, max(0, len(buffer) - len(new) - len(needle) + 1))
+            if at >= 0:
+                self.stop_at[row] = at
+                del buffer[at:]
+                self.finished[row] = "stop"
+                return
+        if len(self.generated[row]) >= p.max_new_tokens:
+            self.finished[row] = "length"
+
+    def results(self) -> list[GenerationResult]:
+        return [
+            GenerationResult(
+                text=bytes(self.buffers[row]).decode("utf-8", errors="replace"),
+                token_ids=self.generated[row],
+                finish_reason=self.finished[row] or "length",
+                prompt_tokens=len(self.prompts[row]),
+                prefill_s=self.prefill_s,
+                decode_s=list(self.decode_s),
+            )
+            for row in range(len(self.prompts))
+        ]
+
+
+class TextStream:
+    """Turns a growing byte buffer into text pieces, holding back incomplete UTF-8
+    sequences and any tail that could still become a stop string."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = [s.encode("utf-8") for s in stops]
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.sent = 0  # bytes handed to the UTF-8 decoder
+
+    def feed(self, buffer: bytearray, final: bool) -> str:
+        end = len(buffer) if final else len(buffer) - self._held_back(buffer)
+        piece = self.decoder.decode(bytes(buffer[self.sent : end]), final=final)
+        self.sent = max(self.sent, end)
+        return piece
+
+    def _held_back(self, buffer: bytearray) -> int:
+        longest = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(buffer)), longest, -1):
+                if buffer.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
+
+
+def default_generation_config(tokenizer: Tokenizer, context: int | None) -> dict[str, Any]:
+    """What a bundle's manifest records under "generation"."""
+    return {
+        "add_bos": True,  # training documents start with BOS
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+        "max_seq_len": context,  # None: unbounded (RNN)
+        "max_new_tokens": 128,
+        "temperature": 0.8,
+        "top_k": 40,
+        "top_p": 0.95,
+    }
+
+
+def _check_finite(logits: np.ndarray, step: int) -> None:
+    if not np.isfinite(logits).all():
+        raise GenerationError(f"the model produced non-finite logits at generation step {step}")
