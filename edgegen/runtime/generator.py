@@ -105,12 +105,11 @@ class Run:
             room = max(0, generator.context - longest)
             defaults["max_new_tokens"] = min(defaults["max_new_tokens"], room)
         self.params = params = SamplingParams.build(defaults, sampling)
-        if generator.context is not None:
-            if longest + params.max_new_tokens > generator.context:
-                raise GenerationError(
-                    f"prompt ({longest} tokens) plus max_new_tokens ({params.max_new_tokens}) "
-                    f"exceeds the model's context of {generator.context} tokens"
-                )
+        if generator.context is not None and longest + params.max_new_tokens > generator.context:
+            raise GenerationError(
+                f"prompt ({longest} tokens) plus max_new_tokens ({params.max_new_tokens}) "
+                f"exceeds the model's context of {generator.context} tokens"
+            )
         n = len(prompts)
         self.generated: list[list[int]] = [[] for _ in range(n)]
         self.seen = [list(p) for p in self.prompts]
