@@ -75,7 +75,7 @@ def test_greedy_is_identical_across_backends_alone_and_batched(bundles, name):
         assert batched[backend] == alone["eager"], backend
 
 
-@pytest.mark.parametrize("name", ["gpt", "lstm"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_seeded_sampling_is_identical_across_backends(bundles, name):
     gens = generators(bundles, name)
     params = dict(
@@ -129,8 +129,10 @@ def test_request_errors(bundles):
         gen.generate("a", top_p=2)
     with pytest.raises(SamplingError, match="unknown sampling parameter"):
         gen.generate("a", beam_width=4)
-    with pytest.raises(GenerationError, match="no prompts"):
+    with pytest.raises(GenerationError, match="non-empty list of prompts"):
         gen.generate_batch([])
+    with pytest.raises(GenerationError, match="non-empty list of prompts"):
+        gen.generate_batch("one string")
 
 
 def test_load_errors(bundles, tmp_path):

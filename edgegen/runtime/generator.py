@@ -94,8 +94,8 @@ class Run:
     """The mutable state of one generate call: ids, bytes and finish state per row."""
 
     def __init__(self, generator: Generator, prompts: list[str], sampling: dict[str, Any]) -> None:
-        if not prompts:
-            raise GenerationError("no prompts given")
+        if isinstance(prompts, str) or not prompts:
+            raise GenerationError("generate_batch needs a non-empty list of prompts")
         self.g = generator
         self.prompts = [generator.encode_prompt(p) for p in prompts]
         longest = max(len(p) for p in self.prompts)
@@ -114,7 +114,6 @@ class Run:
         self.generated: list[list[int]] = [[] for _ in range(n)]
         self.seen = [list(p) for p in self.prompts]
         self.buffers = [bytearray() for _ in range(n)]
-        self.stop_at: list[int | None] = [None] * n  # byte offset where a stop string begins
         self.finished: list[str | None] = [None] * n
         self.prefill_s, self.decode_s = 0.0, []
 
@@ -158,7 +157,6 @@ class Run:
             needle = stop.encode("utf-8")
             at = buffer.find(needle, max(0, len(buffer) - len(new) - len(needle) + 1))
             if at >= 0:
-                self.stop_at[row] = at
                 del buffer[at:]
                 self.finished[row] = "stop"
                 return
