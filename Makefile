@@ -24,6 +24,8 @@ demo: setup
 	$(BIN)/edgegen train --family rnn --cell gru --preset tiny --steps $(DEMO_STEPS) --out $(RUNS)/gru-tiny --force
 	$(BIN)/edgegen export $(RUNS)/gpt-tiny --out $(RUNS)/gpt-tiny.bundle --force
 	$(BIN)/edgegen export $(RUNS)/gru-tiny --out $(RUNS)/gru-tiny.bundle --force
+	$(BIN)/edgegen verify $(RUNS)/gpt-tiny.bundle --checkpoint $(RUNS)/gpt-tiny
+	$(BIN)/edgegen verify $(RUNS)/gru-tiny.bundle --checkpoint $(RUNS)/gru-tiny
 	$(BIN)/edgegen generate $(RUNS)/gpt-tiny.bundle --prompt "Return the " --prompt "This module provides" --seed 0
 	$(BIN)/edgegen generate $(RUNS)/gru-tiny.bundle --backend torchscript --prompt "Return the " --seed 0
 	$(BIN)/edgegen generate $(RUNS)/gru-tiny.bundle --prompt "If the " --stream --seed 1

@@ -265,6 +265,47 @@ def export_command(checkpoint, out, formats, opset, max_seq_len, force) -> None:
     click.echo(parity_summary(manifest))
 
 
+@main.command("verify")
+@click.argument("bundle", type=click.Path())
+@click.option("--checkpoint", required=True, type=click.Path(), help="The checkpoint exported.")
+@click.option(
+    "--levels",
+    default="1,2,3,4,5,6",
+    show_default=True,
+    help="Comma-separated levels: 1 step, 2 cache, 3 greedy, 4 quality, 5 sampling, 6 files.",
+)
+@click.option(
+    "--tokens", type=int, default=128, show_default=True, help="Greedy tokens per prompt."
+)
+@click.option(
+    "--eval-text",
+    type=click.Path(),
+    default=None,
+    help="Held-out text for level 4 [default: the embedded corpus's validation split].",
+)
+@click.option(
+    "--json", "json_out", type=click.Path(), default=None, help="Write the report as JSON."
+)
+def verify_command(bundle, checkpoint, levels, tokens, eval_text, json_out) -> None:
+    """Check every artifact of a bundle against eager PyTorch, level by level."""
+    from edgegen.errors import VerifyError
+    from edgegen.verify import verify_bundle, write_report
+
+    try:
+        chosen = tuple(int(v) for v in levels.split(",") if v.strip())
+    except ValueError:
+        raise VerifyError(
+            f"levels must be numbers 1-6 separated by commas, got {levels!r}"
+        ) from None
+    report = verify_bundle(bundle, checkpoint, levels=chosen, tokens=tokens, eval_text=eval_text)
+    click.echo(report.table())
+    if json_out:
+        write_report(report, json_out)
+    if not report.passed:
+        failed = sum(not c.passed for c in report.checks)
+        raise VerifyError(f"{failed} of {len(report.checks)} checks failed")
+
+
 def parity_summary(manifest) -> str:
     lines = [f"{manifest.directory}: {manifest.config.family} bundle, parity vs eager PyTorch"]
     reports = manifest.data["parity"]["artifacts"]

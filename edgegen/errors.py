@@ -43,3 +43,7 @@ class ParityError(ExportError):
 
 class BackendError(EdgegenError):
     """A backend or device is not available here."""
+
+
+class VerifyError(EdgegenError):
+    """A verification request is invalid, or verification found failures."""

@@ -27,3 +27,40 @@ def text_file(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text(TEXT)
     return path
+
+
+TRAINED_FAMILIES = {
+    "gpt": dict(family="gpt", overrides=dict(dim=32, n_heads=4, max_seq_len=128)),
+    "gpt-rope": dict(family="gpt", overrides=dict(dim=32, n_heads=4, pos_encoding="rope")),
+    "gru": dict(family="rnn", cell="gru", overrides=dict(dim=32, hidden_size=48)),
+    "lstm": dict(family="rnn", cell="lstm", overrides=dict(dim=32, hidden_size=48)),
+    "rnn": dict(family="rnn", cell="rnn", overrides=dict(dim=32, hidden_size=48)),
+}
+
+
+@pytest.fixture(scope="session")
+def trained_bundles(tmp_path_factory):
+    """(checkpoint, bundle) per family: briefly trained, so distributions are peaked and
+    greedy decoding has no near-ties; exported to every format."""
+    from edgegen.export import export_bundle
+    from edgegen.train import TrainOptions, train
+
+    root = tmp_path_factory.mktemp("trained")
+    (root / "text.txt").write_text(TEXT)
+    out = {}
+    for name, kw in TRAINED_FAMILIES.items():
+        opts = TrainOptions(
+            data=str(root / "text.txt"),
+            out=str(root / name),
+            steps=150,
+            batch_size=8,
+            seq_len=64,
+            bptt=32,
+            lr=1e-2,
+            eval_interval=150,
+            **kw,
+        )
+        train(opts, progress=False)
+        export_bundle(root / name, root / f"{name}.bundle")
+        out[name] = (root / name, root / f"{name}.bundle")
+    return out

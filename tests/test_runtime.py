@@ -10,46 +10,18 @@ import edgegen.runtime
 from edgegen.cli import main
 from edgegen.eager import load_eager
 from edgegen.errors import BackendError, BundleError, GenerationError, SamplingError
-from edgegen.export import export_bundle
 from edgegen.runtime.generator import Generator, TextStream
 from edgegen.tokenizer import ByteTokenizer
-from edgegen.train import TrainOptions, train
+from tests.conftest import TRAINED_FAMILIES
 
-FAMILIES = {
-    "gpt": dict(family="gpt", overrides=dict(dim=32, n_heads=4, max_seq_len=128)),
-    "gpt-rope": dict(family="gpt", overrides=dict(dim=32, n_heads=4, pos_encoding="rope")),
-    "gru": dict(family="rnn", cell="gru", overrides=dict(dim=32, hidden_size=48)),
-    "lstm": dict(family="rnn", cell="lstm", overrides=dict(dim=32, hidden_size=48)),
-    "rnn": dict(family="rnn", cell="rnn", overrides=dict(dim=32, hidden_size=48)),
-}
+FAMILIES = TRAINED_FAMILIES
 BACKENDS = ("eager", "torchscript", "onnx")
 PROMPTS = ["Return the", "A", "The quick brown fox jumps"]
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
-    """Briefly trained models (peaked distributions, so greedy has no near-ties)."""
-    from tests.conftest import TEXT
-
-    root = tmp_path_factory.mktemp("runtime")
-    (root / "text.txt").write_text(TEXT)
-    out = {}
-    for name, kw in FAMILIES.items():
-        opts = TrainOptions(
-            data=str(root / "text.txt"),
-            out=str(root / name),
-            steps=40,
-            batch_size=8,
-            seq_len=64,
-            bptt=32,
-            lr=1e-2,
-            eval_interval=40,
-            **kw,
-        )
-        train(opts, progress=False)
-        export_bundle(root / name, root / f"{name}.bundle")
-        out[name] = (root / name, root / f"{name}.bundle")
-    return out
+def bundles(trained_bundles):
+    return trained_bundles
 
 
 def generators(bundles, name):

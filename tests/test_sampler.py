@@ -94,7 +94,7 @@ def test_top_k_keeps_exactly_k(logits, k):
 def test_top_p_keeps_the_smallest_prefix_reaching_p(logits, top_p):
     full = logits_to_probs(logits, 1.0)
     kept = np.flatnonzero(logits_to_probs(logits, 1.0, top_p=top_p))
-    order = np.argsort(-full)
+    order = np.argsort(-full, kind="stable")
     assert set(kept) == set(order[: len(kept)].tolist())  # a prefix by probability
     assert full[kept].sum() >= top_p - 1e-9 or len(kept) == len(logits)
     assert len(kept) == 1 or full[order[: len(kept) - 1]].sum() < top_p + 1e-9  # nothing spare

@@ -131,6 +131,16 @@ class StepSpec:
         values = (ids[:, past:], positions[:, past:], mask, *state)
         return dict(zip(self.input_names, values, strict=True))
 
+    def prefill_feeds(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inputs for reading whole rows `ids` [B, T] from an empty state."""
+        batch, seq = ids.shape
+        state = self.module.model.init_state(batch)
+        if not self.is_gpt:
+            return dict(zip(self.input_names, (ids, *state), strict=True))
+        positions = torch.arange(seq).expand(batch, seq)
+        mask = torch.ones(batch, seq, dtype=torch.int64)
+        return dict(zip(self.input_names, (ids, positions, mask, *state), strict=True))
+
     def advance(
         self, feeds: dict[str, torch.Tensor], outputs: list, next_ids: torch.Tensor
     ) -> dict[str, torch.Tensor]:

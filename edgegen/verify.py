@@ -1,0 +1,293 @@
+"""Layered parity of a bundle against its checkpoint (eager PyTorch is the oracle).
+
+    1 step      one step on the shape grid: every output vs eager (max abs diff)
+    2 cache     the runtime's Decoder: prefill + N decode steps vs one full forward
+    3 greedy    the runtime's greedy continuation == eager's, for N tokens per prompt
+    4 quality   next-token distributions on held-out text vs fp32 eager: KL divergence,
+                top-1 agreement, perplexity change (the gate quantized artifacts must pass)
+    5 sampling  the same seed gives the same tokens on every fp32 backend
+    6 files     the manifest validates and every artifact matches its sha256
+
+Every level reports a figure and its tolerance; any failure fails the report.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgegen.checkpoint import load_checkpoint
+from edgegen.corpus import load_corpus
+from edgegen.eager import eager_generator
+from edgegen.errors import EdgegenError, VerifyError
+from edgegen.export.parity import TOLERANCE, artifact_runner, compare, step_grid
+from edgegen.export.spec import step_spec
+from edgegen.runtime import load
+from edgegen.runtime.decoder import Decoder
+from edgegen.runtime.generator import Generator
+from edgegen.runtime.manifest import Manifest, read_manifest, verify_artifact
+
+LEVELS = {1: "step", 2: "cache", 3: "greedy", 4: "quality", 5: "sampling", 6: "files"}
+# Per precision: max KL(eager || artifact) in nats/token, min top-1 agreement, max
+# relative perplexity change. fp32 differs from eager only by float reassociation.
+QUALITY_GATES = {"fp32": {"kl": 1e-5, "top1": 0.999, "ppl_change": 1e-3}}
+QUALITY_WINDOW, QUALITY_TOKENS = 64, 4096
+PROMPTS = ("Return the ", "The", "If a list of values is given, ")
+SEED = 1234
+
+
+@dataclass
+class Check:
+    level: int
+    artifact: str  # a file of the bundle, or "all"
+    figure: str  # what was measured
+    tolerance: str
+    passed: bool
+    detail: str = ""
+
+    @property
+    def name(self) -> str:
+        return LEVELS[self.level]
+
+
+@dataclass
+class VerifyReport:
+    bundle: str
+    checkpoint: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bundle": self.bundle,
+            "checkpoint": self.checkpoint,
+            "passed": self.passed,
+            "checks": [{**asdict(c), "name": c.name} for c in self.checks],
+        }
+
+    def table(self) -> str:
+        rows = [("level", "artifact", "measured", "tolerance", "result")]
+        for c in self.checks:
+            result = "pass" if c.passed else f"FAIL {c.detail}".strip()
+            rows.append((f"{c.level} {c.name}", c.artifact, c.figure, c.tolerance, result))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
+        return "\n".join(lines)
+
+
+def verify_bundle(
+    bundle: str | Path,
+    checkpoint: str | Path,
+    levels: tuple[int, ...] = tuple(LEVELS),
+    tokens: int = 128,
+    prompts: tuple[str, ...] = PROMPTS,
+    eval_text: str | Path | None = None,
+    quality_gates: dict[str, dict[str, float]] | None = None,
+) -> VerifyReport:
+    """Run the chosen levels. Level 4 reads `eval_text` (default: the embedded corpus's
+    validation split) and applies QUALITY_GATES, updated by `quality_gates`."""
+    unknown = [lv for lv in levels if lv not in LEVELS]
+    if unknown:
+        raise VerifyError(f"unknown level(s) {unknown}; levels are 1-6: {LEVELS}")
+    if tokens < 1:
+        raise VerifyError(f"tokens must be positive, got {tokens}")
+    report = VerifyReport(str(bundle), str(checkpoint))
+    manifest = read_manifest(bundle, verify_hashes=False)
+    if 6 in levels:
+        report.checks += check_files(manifest)
+        if not report.passed:
+            return report  # the other levels would load damaged files
+    model, tokenizer = load_checkpoint(checkpoint)
+    if model.config != manifest.config:
+        raise VerifyError(
+            f"checkpoint {checkpoint} is not the model in bundle {bundle} (configs differ)"
+        )
+    spec = step_spec(model)
+    fp32 = [a for a in manifest.artifacts if a.precision == "fp32"]
+    eager = eager_generator(model, tokenizer)
+    generators = {a.path: load(bundle, a.format, a.precision) for a in fp32}
+    for artifact in fp32:
+        run = artifact_runner(artifact.format, manifest.path_of(artifact), spec)
+        tolerance = TOLERANCE[artifact.precision]
+        gen, name = generators[artifact.path], artifact.path
+        if 1 in levels:
+            report.checks.append(guarded(1, name, check_steps, spec, run, name, tolerance))
+        if 2 in levels:
+            report.checks.append(guarded(2, name, check_cache, model, gen, name, tolerance))
+        if 3 in levels:
+            report.checks.append(guarded(3, name, check_greedy, eager, gen, name, prompts, tokens))
+    if 4 in levels:
+        windows = eval_windows(tokenizer, eval_text, spec)
+        for artifact in manifest.artifacts:
+            run = artifact_runner(artifact.format, manifest.path_of(artifact), spec)
+            gate = {**QUALITY_GATES, **(quality_gates or {})}[artifact.precision]
+            check = guarded(
+                4, artifact.path, check_quality, spec, run, artifact.path, gate, windows
+            )
+            report.checks.append(check)
+    if 5 in levels:
+        everyone = {"eager": eager, **generators}
+        report.checks.append(guarded(5, "all", check_sampling, everyone, prompts, tokens))
+    return report
+
+
+def guarded(level: int, artifact: str, check, *args) -> Check:
+    """A check that crashes (a broken artifact, a runtime error) fails; it does not abort."""
+    try:
+        return check(*args)
+    except Exception as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return Check(level, artifact, "error", "-", False, f"{type(e).__name__}: {message}"[:300])
+
+
+def eval_windows(tokenizer, eval_text, spec) -> torch.Tensor:
+    """Held-out text as rows of QUALITY_WINDOW tokens, QUALITY_TOKENS in all."""
+    corpus = load_corpus(eval_text)  # a given file is held out whole; else the validation split
+    docs = corpus.val if eval_text is None else corpus.train + corpus.val
+    stream = np.concatenate([np.array(tokenizer.encode(d, bos=True, eos=True)) for d in docs])
+    window = min(QUALITY_WINDOW, spec.layout.get("max_seq_len") or QUALITY_WINDOW)
+    rows = min(len(stream) // (window + 1), QUALITY_TOKENS // window)
+    if rows < 1:
+        raise VerifyError(f"evaluation text is too short: it needs at least {window + 1} tokens")
+    return torch.from_numpy(stream[: rows * (window + 1)].reshape(rows, window + 1))
+
+
+def check_quality(spec, run, artifact: str, gate: dict[str, float], windows: torch.Tensor) -> Check:
+    """KL(eager || artifact), top-1 agreement and perplexity change on held-out windows."""
+    kl, agree, nll_eager, nll_artifact, count = 0.0, 0, 0.0, 0.0, 0
+    for chunk in windows.split(8):
+        feeds = spec.prefill_feeds(chunk[:, :-1])
+        with torch.no_grad():
+            want = torch.log_softmax(spec.module(*feeds.values())[0].double(), dim=-1)
+        got = torch.log_softmax(torch.from_numpy(run(feeds)[0]).double(), dim=-1)
+        targets = chunk[:, 1:, None]
+        kl += float((want.exp() * (want - got)).sum())
+        agree += int((want.argmax(-1) == got.argmax(-1)).sum())
+        nll_eager -= float(want.gather(-1, targets).sum())
+        nll_artifact -= float(got.gather(-1, targets).sum())
+        count += targets.numel()
+    kl, top1 = kl / count, agree / count
+    ppl_change = float(np.expm1((nll_artifact - nll_eager) / count))
+    passed = kl <= gate["kl"] and top1 >= gate["top1"] and abs(ppl_change) <= gate["ppl_change"]
+    figure = f"KL {kl:.1e}, top-1 {top1:.2%}, ppl {ppl_change:+.3%} ({count} tokens)"
+    tolerance = f"KL<={gate['kl']:.0e}, top-1>={gate['top1']:.1%}, ppl<={gate['ppl_change']:.1%}"
+    return Check(4, artifact, figure, tolerance, passed)
+
+
+def check_files(manifest: Manifest) -> list[Check]:
+    checks = []
+    for artifact in manifest.artifacts:
+        try:
+            verify_artifact(manifest, artifact)
+            checks.append(Check(6, artifact.path, "sha256 matches", "exact", True))
+        except EdgegenError as e:
+            checks.append(Check(6, artifact.path, "sha256 differs", "exact", False, str(e)))
+    return checks
+
+
+def check_steps(spec, run, artifact: str, tolerance: float) -> Check:
+    results = step_grid(spec, run, tolerance)
+    worst = max(results, key=lambda r: r["max_abs_diff"])
+    failed = [r for r in results if not r["passed"]]
+    detail = failed[0]["message"] if failed else ""
+    figure = f"max |diff| {worst['max_abs_diff']:.2e} over {len(results)} shapes"
+    return Check(1, artifact, figure, f"{tolerance:.0e}", not failed, detail)
+
+
+def check_cache(
+    model, generator: Generator, artifact: str, tolerance: float, steps: int = 8
+) -> Check:
+    """Prefill ragged prompts through the runtime's Decoder, decode `steps` tokens from its
+    own state, and compare every step's logits with one eager forward of each row."""
+    rows = [generator.encode_prompt(p) for p in ("Return the value", "If")]
+    rng = np.random.default_rng(0)
+    continuation = rng.integers(0, 256, size=(len(rows), steps))
+    decoder = Decoder(generator.runner, generator.signature, generator.tokenizer.pad_id)
+    got = [decoder.prefill(rows)]
+    for t in range(steps):
+        got.append(decoder.decode_one_token(continuation[:, t]))
+    got = np.stack(got, axis=1)  # (B, steps+1, V)
+    want = []
+    for row, prompt in enumerate(rows):
+        ids = torch.tensor([prompt + continuation[row].tolist()])
+        with torch.no_grad():
+            logits = model(ids)[0][0].numpy()  # (T, V)
+        want.append(logits[len(prompt) - 1 :])
+    result = compare(
+        f"prefill + {steps} decode steps", ["logits"], [got], [np.stack(want)], tolerance
+    )
+    figure = f"max |diff| {result['max_abs_diff']:.2e}"
+    return Check(
+        2,
+        artifact,
+        figure,
+        f"{tolerance:.0e}",
+        result["passed"],
+        "" if result["passed"] else result["message"],
+    )
+
+
+def check_greedy(
+    eager: Generator, generator: Generator, artifact: str, prompts, tokens: int
+) -> Check:
+    params = dict(temperature=0, max_new_tokens=_room([eager, generator], prompts, tokens))
+    params["ignore_eos"] = True
+    want = [r.token_ids for r in (eager.generate(p, **params) for p in prompts)]
+    got = [r.token_ids for r in (generator.generate(p, **params) for p in prompts)]
+    for i, (w, g) in enumerate(zip(want, got, strict=True)):
+        if w != g:
+            at = next(
+                (k for k, (a, b) in enumerate(zip(w, g, strict=False)) if a != b),
+                min(len(w), len(g)),
+            )
+            figure = f"diverges at token {at} of prompt {i + 1}"
+            return Check(3, artifact, figure, "identical", False, f"prompt {prompts[i]!r}")
+    return Check(
+        3,
+        artifact,
+        f"{len(prompts)} x {params['max_new_tokens']} tokens identical",
+        "identical",
+        True,
+    )
+
+
+def check_sampling(generators: dict[str, Generator], prompts, tokens: int) -> Check:
+    params = dict(temperature=1.0, top_k=40, top_p=0.95, seed=SEED, ignore_eos=True)
+    params["max_new_tokens"] = _room(list(generators.values()), prompts, min(tokens, 64))
+    runs = {
+        name: [g.generate(p, **params).token_ids for p in prompts] for name, g in generators.items()
+    }
+    reference = runs.pop("eager") if "eager" in runs else runs.pop(next(iter(runs)))
+    differ = [name for name, ids in runs.items() if ids != reference]
+    names = ", ".join(generators)
+    if differ:
+        return Check(
+            5,
+            "all",
+            f"seed {SEED}: {', '.join(differ)} differ",
+            "identical",
+            False,
+            f"backends: {names}",
+        )
+    return Check(5, "all", f"seed {SEED}: identical on {names}", "identical", True)
+
+
+def _room(generators: list[Generator], prompts, tokens: int) -> int:
+    """`tokens`, or fewer when the longest prompt leaves less context in any generator."""
+    for g in generators:
+        if g.context is not None:
+            longest = max(len(g.encode_prompt(p)) for p in prompts)
+            tokens = max(1, min(tokens, g.context - longest))
+    return tokens
+
+
+def write_report(report: VerifyReport, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
