@@ -1,6 +1,12 @@
 import os
 
 import pytest
+from hypothesis import settings
+
+# Property tests run the same examples every time (no flaky CI) and have no deadline
+# (these machines are shared and noisy).
+settings.register_profile("edgegen", derandomize=True, deadline=None, max_examples=200)
+settings.load_profile("edgegen")
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. " * 3
