@@ -29,6 +29,8 @@ demo: setup
 	$(BIN)/edgegen generate $(RUNS)/gpt-tiny.bundle --prompt "Return the " --prompt "This module provides" --seed 0
 	$(BIN)/edgegen generate $(RUNS)/gru-tiny.bundle --backend torchscript --prompt "Return the " --seed 0
 	$(BIN)/edgegen generate $(RUNS)/gru-tiny.bundle --prompt "If the " --stream --seed 1
+	$(BIN)/edgegen bench $(RUNS)/gpt-tiny.bundle --checkpoint $(RUNS)/gpt-tiny --repeat 3 --long-tokens 64 --quiet
+	$(BIN)/edgegen bench $(RUNS)/gru-tiny.bundle --checkpoint $(RUNS)/gru-tiny --repeat 3 --long-tokens 64 --quiet
 
 test: setup lint
 	$(BIN)/pytest -q

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
@@ -304,6 +305,58 @@ def verify_command(bundle, checkpoint, levels, tokens, eval_text, json_out) -> N
     if not report.passed:
         failed = sum(not c.passed for c in report.checks)
         raise VerifyError(f"{failed} of {len(report.checks)} checks failed")
+
+
+@main.command("bench")
+@click.argument("bundle", type=click.Path())
+@click.option(
+    "--checkpoint",
+    type=click.Path(),
+    default=None,
+    help="The checkpoint, for the eager PyTorch baseline row.",
+)
+@click.option("--backends", default="eager,torchscript,onnx", show_default=True)
+@click.option("--precisions", default="fp32", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--prompt-len", type=int, default=32, show_default=True)
+@click.option("--new-tokens", type=int, default=64, show_default=True)
+@click.option(
+    "--long-tokens",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="Length of the per-position run (capped by the context).",
+)
+@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--warmup", type=int, default=2, show_default=True)
+@click.option("--repeat", type=int, default=5, show_default=True)
+@click.option("--json", "json_out", type=click.Path(), default=None)
+@click.option("--markdown", "markdown_out", type=click.Path(), default=None)
+@click.option(
+    "--plot", "plot_out", type=click.Path(), default=None, help="PNG of latency per position."
+)
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def bench_command(backends, precisions, json_out, markdown_out, plot_out, quiet, **kwargs) -> None:
+    """Benchmark a bundle's backends and precisions (each row in its own process)."""
+    from edgegen.bench import BenchOptions, run_bench
+    from edgegen.bench import report as bench_report
+
+    options = BenchOptions(backends=_csv(backends), precisions=_csv(precisions), **kwargs)
+    report = run_bench(options, progress=not quiet)
+    click.echo(bench_report.table(report))
+    if "eager" in options.backends and options.checkpoint is None:
+        click.echo("note: no --checkpoint, so no eager baseline row and no ratios", err=True)
+    if json_out:
+        bench_report.write_json(report, json_out)
+    if markdown_out:
+        Path(markdown_out).write_text(bench_report.markdown(report))
+    if plot_out and not bench_report.plot(report, plot_out):
+        click.echo("note: --plot needs matplotlib: pip install 'edgegen[plot]'", err=True)
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def parity_summary(manifest) -> str:

@@ -47,3 +47,7 @@ class BackendError(EdgegenError):
 
 class VerifyError(EdgegenError):
     """A verification request is invalid, or verification found failures."""
+
+
+class BenchError(EdgegenError):
+    """A benchmark request is invalid or a row failed to run."""

@@ -1,0 +1,186 @@
+"""Latency, memory and size benchmark across backends and precisions, with a roofline.
+
+Protocol: each row (backend x precision) runs in its own process: load, `warmup`
+generations, then `repeat` timed ones, all greedy over the same prompts, so every
+row does the same work (the report says whether they produced the same tokens).
+The first token (prefill) is timed apart from the decode steps. One long
+generation gives decode latency per position. Ratios are computed between rows
+of the same run. The machine's memory read bandwidth is measured in the same run:
+the floor of a decode step is the bytes of weights it reads over that bandwidth.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import edgegen
+from edgegen.bench.machine import machine_info, memory_read_bandwidth
+from edgegen.errors import BenchError
+from edgegen.progress import ProgressLine
+from edgegen.runtime.manifest import read_manifest
+
+BACKENDS = ("eager", "torchscript", "onnx")
+
+
+@dataclass
+class BenchOptions:
+    bundle: str
+    checkpoint: str | None = None  # needed for the eager row (the baseline)
+    backends: tuple[str, ...] = BACKENDS
+    precisions: tuple[str, ...] = ("fp32",)
+    device: str = "cpu"
+    batch: int = 1
+    prompt_len: int = 32
+    new_tokens: int = 64
+    threads: int | None = 1
+    warmup: int = 2
+    repeat: int = 5
+    long_tokens: int = 1000  # the per-position run; fewer if the context ends first
+
+    def validate(self) -> None:
+        for name in ("batch", "prompt_len", "new_tokens", "repeat", "long_tokens"):
+            if getattr(self, name) < 1:
+                raise BenchError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.warmup < 0 or (self.threads is not None and self.threads < 1):
+            raise BenchError("warmup must be >= 0 and threads positive")
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown:
+            raise BenchError(
+                f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}"
+            )
+        if self.prompt_len < 2:
+            raise BenchError("prompt_len must be at least 2 (BOS and one byte)")
+
+
+def run_bench(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
+    options.validate()
+    manifest = read_manifest(options.bundle)
+    rows = plan_rows(manifest, options)
+    context = manifest.generation.get("max_seq_len")
+    if context is not None and options.prompt_len + options.new_tokens > context:
+        raise BenchError(
+            f"prompt_len + new_tokens ({options.prompt_len + options.new_tokens}) exceeds "
+            f"the model's context of {context}"
+        )
+    long_tokens = (
+        options.long_tokens
+        if context is None
+        else min(options.long_tokens, context - options.prompt_len)
+    )
+    bandwidth = memory_read_bandwidth()
+    bar = ProgressLine(len(rows), enabled=progress, every=1)
+    measured = []
+    for done, (backend, precision, weight_bytes) in enumerate(rows):
+        bar.update(done, f"running {backend} {precision}", force=True)
+        row = {
+            **asdict(options),
+            "backend": backend,
+            "precision": precision,
+            "long_tokens": long_tokens,
+        }
+        figures = _run_worker(row)
+        measured.append(summarize(backend, precision, weight_bytes, figures, bandwidth, options))
+    bar.update(len(rows), "done", force=True)
+    bar.close()
+    return {
+        "edgegen_bench": 1,
+        "bundle": options.bundle,
+        "options": asdict(options),
+        "machine": machine_info(options.threads),
+        "versions": manifest.data["producer"] | {"edgegen_bench": edgegen.__version__},
+        "memory_read_bandwidth_bytes_per_s": bandwidth,
+        "rows": add_ratios(measured),
+        "same_tokens": _same_tokens(measured),
+    }
+
+
+def plan_rows(manifest, options: BenchOptions) -> list[tuple[str, str, int]]:
+    """(backend, precision, weight bytes) for every row that can run."""
+    rows = []
+    fp32_bytes = min(a.bytes for a in manifest.artifacts if a.precision == "fp32")
+    for backend in options.backends:
+        if backend == "eager":
+            if options.checkpoint is None:
+                continue  # the CLI says so; the API just leaves the row out
+            rows.append(("eager", "fp32", fp32_bytes))
+            continue
+        for precision in options.precisions:
+            artifact = [
+                a for a in manifest.artifacts if a.format == backend and a.precision == precision
+            ]
+            if artifact:
+                rows.append((backend, precision, artifact[0].bytes))
+    if not rows:
+        have = ", ".join(f"{a.format}/{a.precision}" for a in manifest.artifacts)
+        raise BenchError(f"nothing to benchmark: the bundle has {have}")
+    return rows
+
+
+def summarize(backend, precision, weight_bytes, figures, bandwidth, options) -> dict[str, Any]:
+    if "error" in figures:
+        raise BenchError(f"{backend} {precision} row failed: {figures['error']}")
+    decode = np.array([t for run in figures["runs"] for t in run["decode_s"]])
+    prefill = np.array([run["prefill_s"] for run in figures["runs"]])
+    steps = [len(run["decode_s"]) + 1 for run in figures["runs"]]
+    overhead = [
+        (run["wall_s"] - run["model_s"]) / n for run, n in zip(figures["runs"], steps, strict=True)
+    ]
+    floor = weight_bytes / bandwidth
+    median = float(np.median(decode))
+    return {
+        "backend": backend,
+        "precision": precision,
+        "load_s": figures["load_s"],
+        "ttft_s": float(np.median(prefill)),
+        "decode_s": {
+            q: float(np.percentile(decode, p)) for q, p in (("p50", 50), ("p90", 90), ("p99", 99))
+        },
+        "decode_tokens_per_s": options.batch / median,
+        "prefill_tokens_per_s": options.batch * options.prompt_len / float(np.median(prefill)),
+        "overhead_per_token_s": float(np.median(overhead)),
+        "peak_rss_bytes": figures["peak_rss_bytes"],
+        "weight_bytes": weight_bytes,
+        "floor_s": floor,
+        "floor_multiple": median / floor,
+        "runs": len(figures["runs"]),
+        "torch_imported": figures["torch_imported"],
+        "tokens": figures["tokens"],
+        "per_position_decode_s": figures["long_decode_s"],
+        "raw": figures["runs"],
+    }
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Speed-ups over the eager fp32 row of the same run (absent without one)."""
+    base = next((r for r in rows if r["backend"] == "eager"), None)
+    for row in rows:
+        if base is not None:
+            row["decode_speedup_vs_eager"] = base["decode_s"]["p50"] / row["decode_s"]["p50"]
+            row["ttft_speedup_vs_eager"] = base["ttft_s"] / row["ttft_s"]
+    return rows
+
+
+def _same_tokens(rows) -> bool:
+    return all(r["tokens"] == rows[0]["tokens"] for r in rows)
+
+
+def _run_worker(row: dict[str, Any]) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "edgegen.bench.worker"],
+        input=json.dumps(row),
+        capture_output=True,
+        text=True,
+        cwd=Path.cwd(),
+    )
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"worker exited with {done.returncode}: {last}"}

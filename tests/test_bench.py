@@ -1,0 +1,134 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgegen.bench import BenchOptions, run_bench
+from edgegen.bench import report as bench_report
+from edgegen.cli import main
+from edgegen.errors import BenchError
+
+ROW_KEYS = {
+    "backend",
+    "precision",
+    "load_s",
+    "ttft_s",
+    "decode_s",
+    "decode_tokens_per_s",
+    "prefill_tokens_per_s",
+    "overhead_per_token_s",
+    "peak_rss_bytes",
+    "weight_bytes",
+    "floor_s",
+    "floor_multiple",
+    "runs",
+    "tokens",
+    "per_position_decode_s",
+    "raw",
+}
+
+
+def quick(bundle, ckpt=None, **kw):
+    base = dict(new_tokens=8, prompt_len=8, warmup=1, repeat=2, long_tokens=20)
+    return BenchOptions(bundle=str(bundle), checkpoint=ckpt and str(ckpt), **{**base, **kw})
+
+
+@pytest.mark.parametrize("name", ["gpt", "lstm"])
+def test_protocol(trained_bundles, name):
+    ckpt, bundle = trained_bundles[name]
+    report = run_bench(quick(bundle, ckpt, batch=2), progress=False)
+    assert [(r["backend"], r["precision"]) for r in report["rows"]] == [
+        ("eager", "fp32"),
+        ("torchscript", "fp32"),
+        ("onnx", "fp32"),
+    ]
+    assert report["same_tokens"]
+    for row in report["rows"]:
+        assert set(row) >= ROW_KEYS
+        assert row["runs"] == len(row["raw"]) == 2  # warm-up runs are not reported
+        for run in row["raw"]:
+            assert len(run["decode_s"]) == 7  # the first of 8 tokens comes from prefill
+            prefill_calls = 1 if name == "gpt" else 2  # an RNN prefills each prompt alone
+            assert run["model_calls"] == prefill_calls + 7
+            assert run["model_s"] < run["wall_s"]
+        assert len(row["tokens"]) == 2 and all(len(t) == 8 for t in row["tokens"])
+        assert len(row["per_position_decode_s"]) == 19
+        assert row["decode_s"]["p50"] <= row["decode_s"]["p90"] <= row["decode_s"]["p99"]
+        assert row["floor_multiple"] == pytest.approx(row["decode_s"]["p50"] / row["floor_s"])
+    eager, _, onnx_row = report["rows"]
+    assert eager["decode_speedup_vs_eager"] == 1.0
+    assert eager["torch_imported"] and not onnx_row["torch_imported"]
+    assert report["memory_read_bandwidth_bytes_per_s"] > 1e8
+    assert {"cpu", "cores", "threads"} <= set(report["machine"])
+    json.loads(json.dumps(report))
+
+
+def test_without_checkpoint_there_is_no_baseline(trained_bundles):
+    report = run_bench(quick(trained_bundles["gru"][1], backends=("onnx",)), progress=False)
+    (row,) = report["rows"]
+    assert row["backend"] == "onnx" and "decode_speedup_vs_eager" not in row
+    assert "-" in bench_report.table(report).splitlines()[1]
+
+
+def test_bad_requests(trained_bundles):
+    bundle = trained_bundles["gpt"][1]
+    with pytest.raises(BenchError, match="exceeds the model's context"):
+        run_bench(quick(bundle, new_tokens=500), progress=False)
+    with pytest.raises(BenchError, match="unknown backend"):
+        run_bench(quick(bundle, backends=("tflite",)), progress=False)
+    with pytest.raises(BenchError, match="nothing to benchmark"):
+        run_bench(quick(bundle, backends=("onnx",), precisions=("int8",)), progress=False)
+    with pytest.raises(BenchError, match="repeat must be positive"):
+        run_bench(quick(bundle, repeat=0), progress=False)
+
+
+def test_cli_bench(trained_bundles, tmp_path):
+    ckpt, bundle = trained_bundles["rnn"]
+    args = [
+        "bench",
+        str(bundle),
+        "--checkpoint",
+        str(ckpt),
+        "--new-tokens",
+        "6",
+        "--prompt-len",
+        "6",
+        "--repeat",
+        "2",
+        "--warmup",
+        "0",
+        "--long-tokens",
+        "10",
+        "--quiet",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--markdown",
+        str(tmp_path / "r.md"),
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "decode p50 ms" in result.stdout and "vs eager" in result.stdout
+    assert "the same tokens" in result.stdout
+    assert len(json.loads((tmp_path / "r.json").read_text())["rows"]) == 3
+    assert (tmp_path / "r.md").read_text().count("\n|") >= 4
+    bad = CliRunner().invoke(main, ["bench", str(tmp_path / "nope")])
+    assert bad.exit_code == 1 and bad.stderr.startswith("error: bundle directory not found")
+
+
+def test_plot_or_a_note(trained_bundles, tmp_path):
+    report = run_bench(quick(trained_bundles["gru"][1], backends=("onnx",)), progress=False)
+    drawn = bench_report.plot(report, tmp_path / "p.png")
+    assert drawn == (tmp_path / "p.png").exists()
+
+
+@pytest.mark.gpu
+def test_cuda_rows(trained_bundles):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    ckpt, bundle = trained_bundles["gpt"]
+    report = run_bench(
+        quick(bundle, ckpt, device="cuda", backends=("eager", "torchscript")), progress=False
+    )
+    assert report["same_tokens"]
