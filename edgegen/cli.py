@@ -232,6 +232,58 @@ def run_generation(generator, prompts, stream, as_json, **sampling) -> None:
         click.echo(prompt + result.text)
 
 
+def quantize_options(command):
+    """Flags shared by `export --quantize` and `quantize`."""
+    options = [
+        click.option(
+            "--block-size", type=int, default=32, show_default=True, help="int4 block size."
+        ),
+        click.option(
+            "--accuracy-level",
+            type=int,
+            default=4,
+            show_default=True,
+            help="int4 MatMulNBits compute type (4 = int8 activations).",
+        ),
+        click.option(
+            "--gate",
+            "gates",
+            multiple=True,
+            metavar="PRECISION.FIELD=VALUE",
+            help="Lower (or raise) a quality gate, e.g. --gate int8.top1=0.9 "
+            "(fields: kl, top1, ppl_change).",
+        ),
+        click.option(
+            "--eval-text",
+            type=click.Path(),
+            default=None,
+            help="Held-out text for the quality gates [default: the embedded corpus's "
+            "validation split].",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def build_quantize_options(precisions, block_size, accuracy_level, gates, eval_text):
+    from edgegen.errors import ExportError
+    from edgegen.export import QuantizeOptions
+
+    parsed: dict[str, dict[str, float]] = {}
+    for text in gates:
+        key, sep, value = text.partition("=")
+        precision, dot, field = key.partition(".")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or not dot or number is None:
+            raise ExportError(f"--gate must look like int8.top1=0.9, got {text!r}")
+        parsed.setdefault(precision, {})[field] = number
+    return QuantizeOptions(_csv(precisions), block_size, accuracy_level, parsed, eval_text)
+
+
 @main.command("export")
 @click.argument("checkpoint", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Bundle directory to write.")
@@ -249,19 +301,68 @@ def run_generation(generator, prompts, stream, as_json, **sampling) -> None:
     default=None,
     help="Context the runtime allows [default: the model's].",
 )
+@click.option(
+    "--quantize",
+    "precisions",
+    default="",
+    help="Also write quantized artifacts: int8, int4, fp16 (comma-separated).",
+)
+@quantize_options
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
-def export_command(checkpoint, out, formats, opset, max_seq_len, force) -> None:
+def export_command(
+    checkpoint,
+    out,
+    formats,
+    opset,
+    max_seq_len,
+    precisions,
+    block_size,
+    accuracy_level,
+    gates,
+    eval_text,
+    force,
+) -> None:
     """Export a checkpoint to a bundle, gated by parity with eager PyTorch."""
     from edgegen.export import export_bundle
 
+    quantize = build_quantize_options(precisions, block_size, accuracy_level, gates, eval_text)
     manifest = export_bundle(
         checkpoint,
         out,
-        formats=[f.strip() for f in formats.split(",") if f.strip()],
+        formats=_csv(formats),
         opset=opset,
         max_seq_len=max_seq_len,
         force=force,
-        on_artifact=lambda fmt: click.echo(f"exporting {fmt}...", err=True),
+        on_artifact=lambda what: click.echo(f"exporting {what}...", err=True),
+        quantize=quantize,
+    )
+    click.echo(parity_summary(manifest))
+
+
+@main.command("quantize")
+@click.argument("bundle", type=click.Path())
+@click.option(
+    "--checkpoint",
+    required=True,
+    type=click.Path(),
+    help="The checkpoint exported: quality is measured against it in eager PyTorch.",
+)
+@click.option(
+    "--precision", "precisions", required=True, help="int8, int4, fp16 (comma-separated)."
+)
+@quantize_options
+def quantize_command(
+    bundle, checkpoint, precisions, block_size, accuracy_level, gates, eval_text
+) -> None:
+    """Add quantized artifacts to a bundle, each gated on quality."""
+    from edgegen.export import quantize_bundle
+
+    options = build_quantize_options(precisions, block_size, accuracy_level, gates, eval_text)
+    manifest = quantize_bundle(
+        bundle,
+        checkpoint,
+        options,
+        on_artifact=lambda w: click.echo(f"quantizing {w}...", err=True),
     )
     click.echo(parity_summary(manifest))
 
@@ -285,9 +386,16 @@ def export_command(checkpoint, out, formats, opset, max_seq_len, force) -> None:
     help="Held-out text for level 4 [default: the embedded corpus's validation split].",
 )
 @click.option(
+    "--gate",
+    "gates",
+    multiple=True,
+    metavar="PRECISION.FIELD=VALUE",
+    help="Change a level-4 quality gate, e.g. --gate int8.top1=0.9.",
+)
+@click.option(
     "--json", "json_out", type=click.Path(), default=None, help="Write the report as JSON."
 )
-def verify_command(bundle, checkpoint, levels, tokens, eval_text, json_out) -> None:
+def verify_command(bundle, checkpoint, levels, tokens, eval_text, gates, json_out) -> None:
     """Check every artifact of a bundle against eager PyTorch, level by level."""
     from edgegen.errors import VerifyError
     from edgegen.verify import verify_bundle, write_report
@@ -298,7 +406,15 @@ def verify_command(bundle, checkpoint, levels, tokens, eval_text, json_out) -> N
         raise VerifyError(
             f"levels must be numbers 1-6 separated by commas, got {levels!r}"
         ) from None
-    report = verify_bundle(bundle, checkpoint, levels=chosen, tokens=tokens, eval_text=eval_text)
+    quality_gates = build_quantize_options("", 32, 4, gates, eval_text).gates
+    report = verify_bundle(
+        bundle,
+        checkpoint,
+        levels=chosen,
+        tokens=tokens,
+        eval_text=eval_text,
+        quality_gates=quality_gates,
+    )
     click.echo(report.table())
     if json_out:
         write_report(report, json_out)
@@ -360,14 +476,31 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def parity_summary(manifest) -> str:
-    lines = [f"{manifest.directory}: {manifest.config.family} bundle, parity vs eager PyTorch"]
+    lines = [
+        f"{manifest.directory}: {manifest.config.family} bundle, checked against eager PyTorch"
+    ]
     reports = manifest.data["parity"]["artifacts"]
+    fp32 = {a.format: a.bytes for a in manifest.artifacts if a.precision == "fp32"}
     for artifact in manifest.artifacts:
         report = reports[artifact.path]
+        size = f"{artifact.bytes / 1e6:7.2f} MB"
+        if artifact.precision == "fp32":
+            result = (
+                f"max |diff| {report['max_abs_diff']:.1e} <= {report['tolerance']:.0e} "
+                f"over {len(report['checks'])} checks"
+            )
+        else:
+            q = report["quality"]
+            ratio = (
+                artifact.bytes / fp32[artifact.format] if artifact.format in fp32 else float("nan")
+            )
+            result = (
+                f"{ratio:4.0%} of fp32; ppl {q['ppl_change']:+.2%}, top-1 {q['top1']:.1%}, "
+                f"KL {q['kl']:.1e}"
+            )
         lines.append(
-            f"  {artifact.path:<14} {artifact.format:<12} {artifact.precision:<5} "
-            f"{artifact.bytes / 1e6:7.2f} MB  max |diff| {report['max_abs_diff']:.1e} "
-            f"<= {report['tolerance']:.0e} over {len(report['checks'])} checks: pass"
+            f"  {artifact.path:<16} {artifact.format:<12} {artifact.precision:<5} {size}  "
+            f"{result}: pass"
         )
     return "\n".join(lines)
 

@@ -22,10 +22,19 @@ import numpy as np
 import torch
 
 from edgegen.checkpoint import load_checkpoint
-from edgegen.corpus import load_corpus
 from edgegen.eager import eager_generator
 from edgegen.errors import EdgegenError, VerifyError
-from edgegen.export.parity import TOLERANCE, artifact_runner, compare, step_grid
+from edgegen.export.parity import (
+    QUALITY_GATES,
+    TOLERANCE,
+    artifact_runner,
+    compare,
+    describe_gate,
+    eval_windows,
+    passes_gate,
+    quality_figures,
+    step_grid,
+)
 from edgegen.export.spec import step_spec
 from edgegen.runtime import load
 from edgegen.runtime.decoder import Decoder
@@ -33,10 +42,6 @@ from edgegen.runtime.generator import Generator
 from edgegen.runtime.manifest import Manifest, read_manifest, verify_artifact
 
 LEVELS = {1: "step", 2: "cache", 3: "greedy", 4: "quality", 5: "sampling", 6: "files"}
-# Per precision: max KL(eager || artifact) in nats/token, min top-1 agreement, max
-# relative perplexity change. fp32 differs from eager only by float reassociation.
-QUALITY_GATES = {"fp32": {"kl": 1e-5, "top1": 0.999, "ppl_change": 1e-3}}
-QUALITY_WINDOW, QUALITY_TOKENS = 64, 4096
 PROMPTS = ("Return the ", "The", "If a list of values is given, ")
 SEED = 1234
 
@@ -127,12 +132,9 @@ def verify_bundle(
     if 4 in levels:
         windows = eval_windows(tokenizer, eval_text, spec)
         for artifact in manifest.artifacts:
-            run = artifact_runner(artifact.format, manifest.path_of(artifact), spec)
-            gate = {**QUALITY_GATES, **(quality_gates or {})}[artifact.precision]
-            check = guarded(
-                4, artifact.path, check_quality, spec, run, artifact.path, gate, windows
-            )
-            report.checks.append(check)
+            changes = (quality_gates or {}).get(artifact.precision, {})
+            gate = {**QUALITY_GATES[artifact.precision], **changes}
+            report.checks.append(check_artifact_quality(manifest, artifact, spec, gate, windows))
     if 5 in levels:
         everyone = {"eager": eager, **generators}
         report.checks.append(guarded(5, "all", check_sampling, everyone, prompts, tokens))
@@ -148,38 +150,31 @@ def guarded(level: int, artifact: str, check, *args) -> Check:
         return Check(level, artifact, "error", "-", False, f"{type(e).__name__}: {message}"[:300])
 
 
-def eval_windows(tokenizer, eval_text, spec) -> torch.Tensor:
-    """Held-out text as rows of QUALITY_WINDOW tokens, QUALITY_TOKENS in all."""
-    corpus = load_corpus(eval_text)  # a given file is held out whole; else the validation split
-    docs = corpus.val if eval_text is None else corpus.train + corpus.val
-    stream = np.concatenate([np.array(tokenizer.encode(d, bos=True, eos=True)) for d in docs])
-    window = min(QUALITY_WINDOW, spec.layout.get("max_seq_len") or QUALITY_WINDOW)
-    rows = min(len(stream) // (window + 1), QUALITY_TOKENS // window)
-    if rows < 1:
-        raise VerifyError(f"evaluation text is too short: it needs at least {window + 1} tokens")
-    return torch.from_numpy(stream[: rows * (window + 1)].reshape(rows, window + 1))
+def check_artifact_quality(manifest, artifact, spec, gate, windows) -> Check:
+    """Level 4 for one artifact; fp16 runs on a CUDA GPU or is skipped."""
+    device = "cuda" if artifact.precision == "fp16" else "cpu"
+    if device == "cuda" and not cuda_provider_available():
+        return Check(4, artifact.path, "skipped: fp16 runs on a CUDA GPU, none here", "-", True)
+    path = manifest.path_of(artifact)
+    run = guarded(4, artifact.path, artifact_runner, artifact.format, path, spec, device)
+    if isinstance(run, Check):
+        return run
+    return guarded(4, artifact.path, check_quality, spec, run, artifact.path, gate, windows)
 
 
-def check_quality(spec, run, artifact: str, gate: dict[str, float], windows: torch.Tensor) -> Check:
-    """KL(eager || artifact), top-1 agreement and perplexity change on held-out windows."""
-    kl, agree, nll_eager, nll_artifact, count = 0.0, 0, 0.0, 0.0, 0
-    for chunk in windows.split(8):
-        feeds = spec.prefill_feeds(chunk[:, :-1])
-        with torch.no_grad():
-            want = torch.log_softmax(spec.module(*feeds.values())[0].double(), dim=-1)
-        got = torch.log_softmax(torch.from_numpy(run(feeds)[0]).double(), dim=-1)
-        targets = chunk[:, 1:, None]
-        kl += float((want.exp() * (want - got)).sum())
-        agree += int((want.argmax(-1) == got.argmax(-1)).sum())
-        nll_eager -= float(want.gather(-1, targets).sum())
-        nll_artifact -= float(got.gather(-1, targets).sum())
-        count += targets.numel()
-    kl, top1 = kl / count, agree / count
-    ppl_change = float(np.expm1((nll_artifact - nll_eager) / count))
-    passed = kl <= gate["kl"] and top1 >= gate["top1"] and abs(ppl_change) <= gate["ppl_change"]
-    figure = f"KL {kl:.1e}, top-1 {top1:.2%}, ppl {ppl_change:+.3%} ({count} tokens)"
-    tolerance = f"KL<={gate['kl']:.0e}, top-1>={gate['top1']:.1%}, ppl<={gate['ppl_change']:.1%}"
-    return Check(4, artifact, figure, tolerance, passed)
+def cuda_provider_available() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def check_quality(spec, run, artifact: str, gate: dict[str, float], windows) -> Check:
+    figures = quality_figures(spec, run, windows)
+    figure = (
+        f"KL {figures['kl']:.1e}, top-1 {figures['top1']:.2%}, "
+        f"ppl {figures['ppl_change']:+.3%} ({figures['tokens']} tokens)"
+    )
+    return Check(4, artifact, figure, describe_gate(gate), passes_gate(figures, gate))
 
 
 def check_files(manifest: Manifest) -> list[Check]:

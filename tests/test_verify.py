@@ -12,18 +12,29 @@ from edgegen.cli import main
 from edgegen.eager import load_eager
 from edgegen.errors import VerifyError
 from edgegen.export import FORMATS
+from edgegen.export.quantize import SUPPORTED
 from edgegen.files import sha256_file
 from edgegen.runtime.decoder import Decoder
 from edgegen.runtime.manifest import PRECISIONS
 from edgegen.verify import LEVELS, check_sampling, verify_bundle
 
 MATRIX = ["gpt", "gpt-rope", "gru", "lstm", "rnn"]
-VERIFIED = {(fmt, "fp32") for fmt in ("onnx", "torchscript")}  # what the matrix below covers
+# fp32: the matrix below; int8/int4: test_quantize.py::test_verify_covers_quantized_artifacts;
+# fp16: test_quantize.py::test_fp16_on_cuda (GPU only)
+VERIFIED = {
+    ("onnx", "fp32"),
+    ("torchscript", "fp32"),
+    ("onnx", "int8"),
+    ("onnx", "int4"),
+    ("torchscript", "int8"),
+    ("onnx", "fp16"),
+}
 
 
 def test_every_exportable_combination_is_verified():
-    exportable = {(fmt, precision) for fmt in FORMATS for precision in PRECISIONS}
+    exportable = {(fmt, "fp32") for fmt in FORMATS} | SUPPORTED
     assert exportable == VERIFIED
+    assert {precision for _, precision in exportable} == set(PRECISIONS)
 
 
 @pytest.mark.parametrize("name", MATRIX)

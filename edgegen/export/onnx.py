@@ -75,8 +75,21 @@ def name_dims(path: Path, spec: StepSpec) -> None:
                 )
             else:
                 dim.dim_value = want
+    strip_debug_info(model)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
+
+
+def strip_debug_info(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node stack traces and metadata: in a small model they
+    outweigh the weights, and nothing at run time reads them."""
+    for node in model.graph.node:
+        node.doc_string = ""
+        del node.metadata_props[:]
+    for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        value.doc_string = ""
+        del value.metadata_props[:]
+    model.graph.doc_string = ""
 
 
 @contextlib.contextmanager

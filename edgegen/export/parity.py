@@ -19,20 +19,32 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgegen.errors import ParityError
+from edgegen.corpus import load_corpus
+from edgegen.errors import ExportError, ParityError
 from edgegen.export.spec import StepSpec
 from edgegen.runtime.backends import RUNNERS as RUNTIME_RUNNERS
 
 TOLERANCE = {"fp32": 1e-4}  # max absolute difference on logits and state
+# Quality on held-out text vs fp32 eager, per precision: max KL(eager || artifact) in
+# nats/token, min top-1 agreement, max perplexity increase (relative). fp32 differs
+# from eager only by float reassociation; the quantized gates are what a user can
+# trust: a failing gate fails the command unless it is lowered explicitly.
+QUALITY_GATES = {
+    "fp32": {"kl": 1e-5, "top1": 0.999, "ppl_change": 1e-3},
+    "fp16": {"kl": 1e-3, "top1": 0.99, "ppl_change": 0.005},
+    "int8": {"kl": float("inf"), "top1": 0.95, "ppl_change": 0.02},
+    "int4": {"kl": float("inf"), "top1": 0.0, "ppl_change": 0.08},
+}
+QUALITY_WINDOW, QUALITY_TOKENS = 64, 4096
 GRID = list(itertools.product((1, 3), (1, 7), (0, 5)))  # (batch, seq, past)
 PROMPT_LEN, DECODE_STEPS = 7, 5
 
 Runner = Callable[[dict[str, torch.Tensor]], list[np.ndarray]]
 
 
-def artifact_runner(fmt: str, path: Path, spec: StepSpec) -> Runner:
+def artifact_runner(fmt: str, path: Path, spec: StepSpec, device: str = "cpu") -> Runner:
     """The runtime's own backend for the artifact, so the gate checks what users run."""
-    runner = RUNTIME_RUNNERS[fmt](path, spec.input_names)
+    runner = RUNTIME_RUNNERS[fmt](path, spec.input_names, device)
     return lambda feeds: runner.run({name: t.numpy() for name, t in feeds.items()})
 
 
@@ -74,7 +86,9 @@ def _check_decode(spec: StepSpec, run: Runner, tolerance: float) -> dict[str, An
     with torch.no_grad():
         want = spec.module(*full.values())[0].numpy()
     ids = full["input_ids"]
-    feeds = {k: (v[:, :PROMPT_LEN] if k in _SEQ_INPUTS else v) for k, v in full.items()}
+    feeds = {
+        k: (v[:, :PROMPT_LEN].contiguous() if k in _SEQ_INPUTS else v) for k, v in full.items()
+    }
     if "attention_mask" in feeds:
         feeds["attention_mask"] = full["attention_mask"][:, :PROMPT_LEN]
     outputs = run(feeds)
@@ -105,3 +119,57 @@ def compare(case, names, got, want, tolerance) -> dict[str, Any]:
     passed = worst <= tolerance
     message = f"{case}: {worst_name} differs from eager by {worst:.3g} (tolerance {tolerance:.0e})"
     return {"case": case, "max_abs_diff": worst, "passed": passed, "message": message}
+
+
+def eval_windows(tokenizer, eval_text, spec: StepSpec) -> torch.Tensor:
+    """Held-out text as rows of QUALITY_WINDOW + 1 tokens, QUALITY_TOKENS in all: a
+    given file whole, else the embedded corpus's validation split."""
+    corpus = load_corpus(eval_text)
+    docs = corpus.val if eval_text is None else corpus.train + corpus.val
+    stream = np.concatenate([np.array(tokenizer.encode(d, bos=True, eos=True)) for d in docs])
+    window = min(QUALITY_WINDOW, spec.layout.get("max_seq_len") or QUALITY_WINDOW)
+    rows = min(len(stream) // (window + 1), QUALITY_TOKENS // window)
+    if rows < 1:
+        raise ExportError(f"evaluation text is too short: it needs at least {window + 1} tokens")
+    return torch.from_numpy(stream[: rows * (window + 1)].reshape(rows, window + 1))
+
+
+def quality_figures(spec: StepSpec, run: Runner, windows: torch.Tensor) -> dict[str, float]:
+    """KL(eager || artifact), top-1 agreement and perplexity change on held-out windows."""
+    kl, agree, nll_eager, nll_artifact, count = 0.0, 0, 0.0, 0.0, 0
+    for chunk in windows.split(8):
+        feeds = spec.prefill_feeds(chunk[:, :-1])
+        with torch.no_grad():
+            want = torch.log_softmax(spec.module(*feeds.values())[0].double(), dim=-1)
+        got = torch.log_softmax(torch.from_numpy(run(feeds)[0]).double(), dim=-1)
+        targets = chunk[:, 1:, None]
+        kl += float((want.exp() * (want - got)).sum())
+        agree += int((want.argmax(-1) == got.argmax(-1)).sum())
+        nll_eager -= float(want.gather(-1, targets).sum())
+        nll_artifact -= float(got.gather(-1, targets).sum())
+        count += targets.numel()
+    return {
+        "kl": kl / count,
+        "top1": agree / count,
+        "ppl_change": float(np.expm1((nll_artifact - nll_eager) / count)),
+        "ppl_eager": float(np.exp(nll_eager / count)),
+        "tokens": count,
+    }
+
+
+def passes_gate(figures: dict[str, float], gate: dict[str, float]) -> bool:
+    """Perplexity may not rise by more than the gate (a fall is fine)."""
+    return (
+        figures["kl"] <= gate["kl"]
+        and figures["top1"] >= gate["top1"]
+        and figures["ppl_change"] <= gate["ppl_change"]
+    )
+
+
+def describe_gate(gate: dict[str, float]) -> str:
+    parts = [f"ppl<=+{gate['ppl_change']:.1%}"]
+    if gate["top1"] > 0:
+        parts.insert(0, f"top-1>={gate['top1']:.1%}")
+    if np.isfinite(gate["kl"]):
+        parts.insert(0, f"KL<={gate['kl']:.0e}")
+    return ", ".join(parts)

@@ -112,8 +112,8 @@ class StepSpec:
         state = model.init_state(batch)
         if past:
             with torch.no_grad():
-                _, *state = model(ids[:, :past], *state)
-        return dict(zip(self.input_names, (ids[:, past:], *state), strict=True))
+                _, *state = model(ids[:, :past].contiguous(), *state)
+        return dict(zip(self.input_names, (ids[:, past:].contiguous(), *state), strict=True))
 
     def _gpt_example(self, ids: torch.Tensor, past: int) -> dict[str, torch.Tensor]:
         batch, total = ids.shape
@@ -126,18 +126,21 @@ class StepSpec:
         if past:
             with torch.no_grad():
                 _, *state = model(
-                    ids[:, :past], position_ids=positions[:, :past], attention_mask=mask[:, :past]
+                    ids[:, :past].contiguous(),
+                    position_ids=positions[:, :past].contiguous(),
+                    attention_mask=mask[:, :past].contiguous(),
                 )
-        values = (ids[:, past:], positions[:, past:], mask, *state)
+        values = (ids[:, past:].contiguous(), positions[:, past:].contiguous(), mask, *state)
         return dict(zip(self.input_names, values, strict=True))
 
     def prefill_feeds(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Inputs for reading whole rows `ids` [B, T] from an empty state."""
         batch, seq = ids.shape
+        ids = ids.contiguous()  # quantized embeddings insist
         state = self.module.model.init_state(batch)
         if not self.is_gpt:
             return dict(zip(self.input_names, (ids, *state), strict=True))
-        positions = torch.arange(seq).expand(batch, seq)
+        positions = torch.arange(seq).expand(batch, seq).contiguous()
         mask = torch.ones(batch, seq, dtype=torch.int64)
         return dict(zip(self.input_names, (ids, positions, mask, *state), strict=True))
 

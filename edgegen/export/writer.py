@@ -3,8 +3,12 @@ and publish the directory in one rename only when everything passed."""
 
 from __future__ import annotations
 
+import copy
+import math
 import platform
+import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +19,27 @@ import torch
 import edgegen
 from edgegen.checkpoint import load_checkpoint
 from edgegen.config import GPTConfig, config_to_dict
-from edgegen.errors import ExportError
+from edgegen.errors import ExportError, ParityError
 from edgegen.export.onnx import DEFAULT_OPSET, export_onnx
-from edgegen.export.parity import artifact_runner, check_parity
+from edgegen.export.parity import (
+    QUALITY_GATES,
+    artifact_runner,
+    check_parity,
+    describe_gate,
+    eval_windows,
+    passes_gate,
+    quality_figures,
+    step_grid,
+)
+from edgegen.export.quantize import (
+    DEFAULT_ACCURACY_LEVEL,
+    DEFAULT_BLOCK_SIZE,
+    QUANTIZED_PRECISIONS,
+    SUPPORTED,
+    quantize_onnx,
+    quantize_torch_int8,
+)
+from edgegen.export.quantize import FILENAMES as QUANTIZED_FILENAMES
 from edgegen.export.spec import step_spec
 from edgegen.export.torchscript import export_torchscript
 from edgegen.files import sha256_file, write_atomically, write_json
@@ -49,14 +71,18 @@ def export_bundle(
     max_seq_len: int | None = None,
     force: bool = False,
     on_artifact: Callable[[str], None] | None = None,
+    quantize: QuantizeOptions | None = None,
 ) -> Manifest:
     """Export a checkpoint to a bundle directory and return its manifest.
 
-    Raises ExportError (ParityError when an artifact disagrees with eager PyTorch);
-    then nothing is written and an existing bundle at `out` is untouched.
+    Raises ExportError (ParityError when an artifact disagrees with eager PyTorch or
+    a quantized one fails its quality gate); then nothing is written and an
+    existing bundle at `out` is untouched.
     """
     out = Path(out)
     formats = _check_formats(formats)
+    quantize = quantize or QuantizeOptions()
+    quantize.validate(formats)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
     if out.resolve() == Path(checkpoint).resolve():
@@ -84,6 +110,11 @@ def export_bundle(
                     opset=opset if fmt == "onnx" else None,
                 )
             )
+        for artifact, report in add_quantized(
+            tmp, model, spec, tokenizer, formats, quantize, on_artifact
+        ):
+            artifacts.append(artifact)
+            parity[artifact.path] = report
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -100,6 +131,154 @@ def export_bundle(
 
     write_atomically(out, fill)
     return read_manifest(out)
+
+
+@dataclass
+class QuantizeOptions:
+    precisions: tuple[str, ...] = ()  # any of int8, int4, fp16
+    block_size: int = DEFAULT_BLOCK_SIZE  # int4 block
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL  # int4 MatMulNBits compute type
+    gates: dict[str, dict[str, float]] = field(default_factory=dict)  # over QUALITY_GATES
+    eval_text: str | None = None  # held-out text; None = the embedded corpus's validation split
+
+    def validate(self, formats: tuple[str, ...]) -> None:
+        unknown = [p for p in self.precisions if p not in QUANTIZED_PRECISIONS]
+        if unknown:
+            choices = ", ".join(QUANTIZED_PRECISIONS)
+            raise ExportError(f"unknown precision {', '.join(unknown)}; choose from {choices}")
+        for precision, gate in self.gates.items():
+            if precision not in QUALITY_GATES or not set(gate) <= set(QUALITY_GATES[precision]):
+                raise ExportError(f"unknown quality gate {precision}.{', '.join(gate)}")
+        if self.precisions and not any(
+            (f, p) in SUPPORTED for f in formats for p in self.precisions
+        ):
+            raise ExportError("none of the asked precisions exists for the asked formats")
+
+    def gate(self, precision: str) -> dict[str, float]:
+        return {**QUALITY_GATES[precision], **self.gates.get(precision, {})}
+
+
+def add_quantized(
+    tmp: Path, model, spec, tokenizer, formats, options: QuantizeOptions, on_artifact
+):
+    """Yield (artifact, report) for each quantized artifact, made from what is in `tmp`
+    and gated on quality against eager fp32; raise ParityError when one fails."""
+    if not options.precisions:
+        return
+    windows = eval_windows(tokenizer, options.eval_text, spec)
+    for precision in options.precisions:
+        for fmt in formats:
+            if (fmt, precision) not in SUPPORTED:
+                continue
+            if on_artifact:
+                on_artifact(f"{fmt} {precision}")
+            path = tmp / QUANTIZED_FILENAMES[(fmt, precision)]
+            coverage = _make_quantized(fmt, precision, tmp, path, model, options)
+            run = artifact_runner(fmt, path, spec, device="cuda" if precision == "fp16" else "cpu")
+            report = gate_quantized(
+                spec, run, path.name, precision, options.gate(precision), windows
+            )
+            artifact = Artifact(
+                path=path.name,
+                format=fmt,
+                precision=precision,
+                sha256=sha256_file(path),
+                bytes=path.stat().st_size,
+                opset=_opset(path) if fmt == "onnx" else None,
+                quantization=coverage,
+            )
+            yield artifact, report
+
+
+def quantize_bundle(
+    bundle: str | Path,
+    checkpoint: str | Path,
+    options: QuantizeOptions,
+    on_artifact: Callable[[str], None] | None = None,
+) -> Manifest:
+    """Add quantized artifacts to an existing bundle (replacing any of the same format
+    and precision), gated on quality against the checkpoint in eager PyTorch. The
+    bundle is rebuilt beside itself and swapped in only when every gate passed."""
+    manifest = read_manifest(bundle)
+    model, tokenizer = load_checkpoint(checkpoint)
+    if model.config != manifest.config:
+        raise ExportError(
+            f"checkpoint {checkpoint} is not the model in bundle {bundle} (configs differ)"
+        )
+    formats = tuple(
+        f
+        for f in FORMATS
+        if any(a.format == f and a.precision == "fp32" for a in manifest.artifacts)
+    )
+    options.validate(formats)
+    spec = step_spec(model)
+
+    def fill(tmp: Path) -> None:
+        for path in Path(bundle).iterdir():
+            if path.is_file():
+                shutil.copy2(path, tmp / path.name)
+        data = copy.deepcopy(manifest.data)
+        parity = data["parity"]["artifacts"]
+        for artifact, report in add_quantized(
+            tmp, model, spec, tokenizer, formats, options, on_artifact
+        ):
+            data["artifacts"] = [
+                a
+                for a in data["artifacts"]
+                if (a["format"], a["precision"]) != (artifact.format, artifact.precision)
+            ] + [artifact.to_dict()]
+            parity[artifact.path] = report
+        write_json(tmp / MANIFEST_FILE, data)
+        read_manifest(tmp)
+
+    write_atomically(Path(bundle), fill)
+    return read_manifest(bundle)
+
+
+def _make_quantized(fmt, precision, tmp: Path, path: Path, model, options) -> dict[str, Any]:
+    if precision == "fp16":
+        _require_cuda_provider()
+    if fmt == "onnx":
+        if not (tmp / FILENAMES["onnx"]).exists():
+            raise ExportError(
+                "ONNX quantization needs the fp32 ONNX artifact: include the onnx format"
+            )
+        return quantize_onnx(
+            tmp / FILENAMES["onnx"], path, precision, options.block_size, options.accuracy_level
+        )
+    quantized, coverage = quantize_torch_int8(model)
+    export_torchscript(step_spec(quantized), path)
+    return coverage
+
+
+def gate_quantized(spec, run, name: str, precision: str, gate, windows) -> dict[str, Any]:
+    """A quantized artifact must run every shape of the grid (right shapes, finite values)
+    and pass its quality gate on held-out text."""
+    for check in step_grid(spec, run, tolerance=1e9):
+        if not check["passed"]:
+            raise ParityError(f"{name}: {check['case']}: wrong shape or non-finite output")
+    figures = quality_figures(spec, run, windows)
+    if not passes_gate(figures, gate):
+        raise ParityError(
+            f"{name} fails its {precision} quality gate ({describe_gate(gate)}): "
+            f"KL {figures['kl']:.2e}, top-1 {figures['top1']:.2%}, "
+            f"ppl {figures['ppl_change']:+.2%}; lower the gate explicitly (--gate) to accept it"
+        )
+    finite = {k: v for k, v in gate.items() if math.isfinite(v)}
+    return {"precision": precision, "gate": finite, "quality": figures, "passed": True}
+
+
+def _require_cuda_provider() -> None:
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        raise ExportError(
+            "fp16 artifacts are for GPUs and are checked on one: this machine's onnxruntime "
+            "has no CUDA execution provider (pip install onnxruntime-gpu on a CUDA machine)"
+        )
+
+
+def _opset(path: Path) -> int:
+    model = onnx.load(str(path), load_external_data=False)
+    return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _check_formats(formats) -> tuple[str, ...]:

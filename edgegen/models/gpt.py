@@ -48,7 +48,7 @@ class GPT(nn.Module):
 
     def init_state(self, batch_size: int, device: torch.device | None = None):
         cfg = self.config
-        device = device or self.head.weight.device
+        device = device or next((p.device for p in self.parameters()), torch.device("cpu"))
         empty = torch.zeros(batch_size, cfg.n_heads, 0, cfg.head_dim, device=device)
         return tuple(empty.clone() for _ in self.state_names)
 

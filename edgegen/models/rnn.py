@@ -36,7 +36,7 @@ class RNNLM(nn.Module):
 
     def init_state(self, batch_size: int, device: torch.device | None = None):
         cfg = self.config
-        device = device or self.head.weight.device
+        device = device or next((p.device for p in self.parameters()), torch.device("cpu"))
         return tuple(
             torch.zeros(cfg.n_layers, batch_size, cfg.hidden_size, device=device)
             for _ in self.state_names

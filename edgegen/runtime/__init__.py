@@ -45,6 +45,8 @@ def load(
         raise BackendError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise BackendError(f"threads must be a positive integer, got {threads!r}")
+    if precision == "fp16" and device != "cuda":
+        raise BackendError("fp16 artifacts are for GPUs: load them with device='cuda'")
     manifest = read_manifest(bundle_dir)
     artifact = manifest.artifact(backend, precision)
     input_names = [io["name"] for io in manifest.signature["inputs"]]

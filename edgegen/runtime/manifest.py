@@ -23,7 +23,7 @@ MANIFEST_FILE = "manifest.json"
 FORMAT_NAME = "edgegen-bundle"
 FORMAT_VERSION = 1
 ARTIFACT_FORMATS = ("onnx", "torchscript")
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "int8", "int4", "fp16")
 DTYPES = ("int64", "float32")
 
 _REQUIRED = {
@@ -47,12 +47,10 @@ class Artifact:
     sha256: str
     bytes: int
     opset: int | None = None  # ONNX only
+    quantization: dict[str, Any] | None = None  # method and coverage (quantized artifacts)
 
     def to_dict(self) -> dict[str, Any]:
-        data = dict(vars(self))
-        if self.opset is None:
-            del data["opset"]
-        return data
+        return {k: v for k, v in vars(self).items() if v is not None}
 
 
 @dataclass(frozen=True)

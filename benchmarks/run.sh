@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Benchmark the small and base presets of GPT and GRU end to end: train briefly
+# (latency does not depend on how well a model is trained), export, verify the
+# export, bench every backend, and write BENCHMARKS.md beside this script.
+#
+#   make setup && bash benchmarks/run.sh            # about 15 minutes on 2 cores
+#
+# Absolute numbers are machine-specific; the ratios between rows of one run are the point.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EDGEGEN=${EDGEGEN:-.venv/bin/edgegen}
+OUT=${OUT:-runs/benchmarks}
+mkdir -p "$OUT"
+RESULTS="$OUT/results.md"
+: > "$RESULTS"
+
+run() {  # name, family args..., then train args after --
+    local name=$1; shift
+    local train_args=()
+    while [ "$1" != "--" ]; do train_args+=("$1"); shift; done; shift
+    "$EDGEGEN" train "${train_args[@]}" --out "$OUT/$name" --force --quiet "$@"
+    "$EDGEGEN" export "$OUT/$name" --out "$OUT/$name.bundle" --force
+    "$EDGEGEN" bench "$OUT/$name.bundle" --checkpoint "$OUT/$name" --threads 1 \
+        --prompt-len 32 --new-tokens 64 --warmup 2 --repeat 5 --long-tokens 1000 --quiet \
+        --json "$OUT/$name.json" --markdown "$OUT/$name.md" --plot "$OUT/$name.png"
+    { echo "### $name"; echo; cat "$OUT/$name.md"; echo; } >> "$RESULTS"
+}
+
+run gpt-small --family gpt --preset small -- --steps 30 --batch-size 4 --seq-len 128
+run gru-small --family rnn --cell gru --preset small -- --steps 30 --batch-size 4 --bptt 32
+run gpt-base --family gpt --preset base -- --steps 4 --batch-size 2 --seq-len 128
+run gru-base --family rnn --cell gru --preset base -- --steps 4 --batch-size 2 --bptt 32
+
+{
+    echo "# Benchmarks"
+    echo
+    echo "Produced by \`bash benchmarks/run.sh\` on $(date -u +%Y-%m-%d)."
+    echo "Single thread, batch 1, greedy; 2 warm-up and 5 timed generations of 64 tokens after"
+    echo "a 32-token prompt; each row in its own process. Columns: time to first token"
+    echo "(prefill), decode latency per token (median, p90, p99), decode and prefill"
+    echo "tokens/s, loop overhead per token outside the model call, peak resident memory of"
+    echo "the row's process, artifact size, decode latency as a multiple of the"
+    echo "memory-bandwidth floor (weight bytes / measured read bandwidth), and decode"
+    echo "speed-up over eager PyTorch measured in the same run."
+    echo
+    cat "$RESULTS"
+} > benchmarks/BENCHMARKS.md
+echo "wrote benchmarks/BENCHMARKS.md"

@@ -1,0 +1,301 @@
+"""Quantized artifacts from the fp32 ones, and what each quantization covered.
+
+    onnx int8         ONNX Runtime dynamic quantization: MatMul -> MatMulInteger with
+                      per-channel int8 weights; the embedding and the weights of native
+                      RNN/GRU/LSTM ops (which ORT's quantizer skips) stored int8 with
+                      per-row scales behind a DequantizeLinear (weight-only)
+    onnx int4         MatMulNBits (block-wise int4, block 32 by default) for MatMul,
+                      GatherBlockQuantized for the embedding; RNN weights as in int8
+                      (int4 DequantizeLinear needs opset 21)
+    onnx fp16         float16 weights and compute, float32 inputs and outputs (GPU)
+    torchscript int8  torch dynamic quantization of Linear, GRU and LSTM layers and an
+                      8-bit embedding, then traced like fp32
+
+Before quantizing, a weight the graph only transposes (a tied output head) is
+stored transposed, so the quantizers see it as the constant it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgegen.errors import ExportError
+
+QUANTIZED_PRECISIONS = ("int8", "int4", "fp16")
+SUPPORTED = {("onnx", "int8"), ("onnx", "int4"), ("onnx", "fp16"), ("torchscript", "int8")}
+FILENAMES = {
+    ("onnx", "int8"): "model.int8.onnx",
+    ("onnx", "int4"): "model.int4.onnx",
+    ("onnx", "fp16"): "model.fp16.onnx",
+    ("torchscript", "int8"): "model.int8.ts",
+}
+RNN_OPS = ("RNN", "GRU", "LSTM")
+DEFAULT_BLOCK_SIZE = 32
+DEFAULT_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations (fastest on CPU)
+
+
+def quantize_onnx(
+    src: Path,
+    dst: Path,
+    precision: str,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+) -> dict[str, Any]:
+    """Write the `precision` version of the fp32 ONNX `src` to `dst`; return its coverage."""
+    model = fold_constant_transposes(onnx.load(str(src)))
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
+        prepared = Path(tmp) / "prepared.onnx"
+        onnx.save(model, str(prepared))
+        if precision == "int8":
+            method = _onnx_int8(prepared, dst)
+        elif precision == "int4":
+            method = _onnx_int4(prepared, dst, block_size, accuracy_level)
+        elif precision == "fp16":
+            method = _onnx_fp16(prepared, dst)
+        else:
+            choices = ", ".join(QUANTIZED_PRECISIONS)
+            raise ExportError(f"ONNX has no {precision} quantization; choose from {choices}")
+    return {"method": method, **onnx_coverage(onnx.load(str(dst)))}
+
+
+def _onnx_int8(src: Path, dst: Path) -> str:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        op_types_to_quantize=["MatMul", "Gemm"],
+        extra_options={"MatMulConstBOnly": True},
+    )
+    model = onnx.load(str(dst))
+    quantize_rnn_weights(model)
+    quantize_embeddings(model)
+    onnx.save(model, str(dst))
+    return (
+        "onnxruntime dynamic int8 MatMul (per-channel weights); embedding and RNN weights "
+        "int8 weight-only (per-row scales)"
+    )
+
+
+def _onnx_int4(src: Path, dst: Path, block_size: int, accuracy_level: int) -> str:
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ExportError(f"int4 block size must be a power of two >= 16, got {block_size}")
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=block_size,
+        is_symmetric=True,
+        accuracy_level=accuracy_level,
+        op_types_to_quantize=("MatMul",),
+        quant_axes=(("MatMul", 0),),
+    )
+    model = onnx.load(str(src))
+    head = output_head(model)
+    excluded = [head.name] if head is not None else []
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=excluded)
+    quantizer.process()
+    model = quantizer.model.model
+    quantize_rnn_weights(model)
+    quantize_embeddings(model)
+    if head is not None:
+        dequantize_int8(model, next(n for n in model.graph.node if n.name == head.name), 1, axis=1)
+    onnx.save(model, str(dst))
+    return (
+        f"MatMulNBits int4 (block {block_size}, accuracy level {accuracy_level}) for every "
+        "MatMul but the output head; head, embedding and RNN weights int8 weight-only "
+        "(per-row scales): int4 there cost a tiny model over 8% perplexity, and int4 "
+        "DequantizeLinear for RNN ops needs opset 21"
+    )
+
+
+def output_head(model: onnx.ModelProto) -> onnx.NodeProto | None:
+    """The MatMul/Gemm that produces the logits."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    node = producers.get("logits")
+    while node is not None and node.op_type not in ("MatMul", "Gemm"):
+        node = next((producers[i] for i in node.input if i in producers), None)
+    return node
+
+
+def _onnx_fp16(src: Path, dst: Path) -> str:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(model, str(dst))
+    return "float16 weights and compute, float32 inputs and outputs"
+
+
+def fold_constant_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace Transpose(initializer) with the transposed initializer.
+
+    emb ──Gather──>            emb ──Gather──>
+     └──Transpose──MatMul  =>  emb_T ──MatMul      (the tied head)
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Transpose" and node.input[0] in inits:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            value = numpy_helper.to_array(inits[node.input[0]])
+            value = value.transpose(perm) if perm else value.T
+            graph.initializer.append(
+                numpy_helper.from_array(np.ascontiguousarray(value), node.output[0])
+            )
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return model
+
+
+def quantize_rnn_weights(model: onnx.ModelProto) -> None:
+    """int8 W and R for RNN/GRU/LSTM nodes, one scale per gate row (weight-only: ORT has
+    no integer kernel for these ops)."""
+    for node in list(model.graph.node):
+        if node.op_type in RNN_OPS:
+            for slot in (1, 2):  # W, R: [directions, gates * hidden, inputs]
+                dequantize_int8(model, node, slot, axis=1)
+
+
+def quantize_embeddings(model: onnx.ModelProto) -> None:
+    """int8 embedding tables with one scale per row: per-tensor scales (what ORT's
+    dynamic quantizer gives Gather) cost a tiny model several points of top-1."""
+    for node in list(model.graph.node):
+        if node.op_type == "Gather":
+            dequantize_int8(model, node, 0, axis=0)
+
+
+def dequantize_int8(model: onnx.ModelProto, node: onnx.NodeProto, slot: int, axis: int) -> None:
+    """Store input `slot` of `node` (a float initializer) as symmetric int8 with one scale
+    per index of `axis`, dequantized just before the node.
+
+        w(float) ──node   =>   w_int8, w_scale ──DequantizeLinear──node
+    """
+    graph = model.graph
+    name = node.input[slot]
+    init = next((t for t in graph.initializer if t.name == name), None)
+    if init is None or init.data_type != onnx.TensorProto.FLOAT or len(init.dims) < 2:
+        return
+    weight = numpy_helper.to_array(init)
+    others = tuple(i for i in range(weight.ndim) if i != axis)
+    scale = np.maximum(np.abs(weight).max(axis=others), 1e-12) / 127.0
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
+    graph.initializer.remove(init)
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(q, f"{name}_int8"),
+            numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
+            numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), f"{name}_zero"),
+        ]
+    )
+    dq = helper.make_node(
+        "DequantizeLinear",
+        [f"{name}_int8", f"{name}_scale", f"{name}_zero"],
+        [f"{name}_dq"],
+        name=f"{node.name}/{name}/DequantizeLinear",
+        axis=axis,
+    )
+    graph.node.insert(list(graph.node).index(node), dq)
+    for other in graph.node:  # every reader of the weight now reads the dequantized one
+        for i, input_name in enumerate(other.input):
+            if input_name == name and other is not dq:
+                other.input[i] = f"{name}_dq"
+
+
+def onnx_coverage(model: onnx.ModelProto) -> dict[str, Any]:
+    """How many weight elements are stored below 32 bits, and the large ones that are not."""
+    low, total, kept = 0, 0, []
+    for t in model.graph.initializer:
+        n = int(np.prod(t.dims)) if t.dims else 1
+        if t.name.endswith(("_scale", "_scales", "_zero_point", "_zero", "_zp")) or n < 2:
+            continue
+        total += n
+        if t.data_type in (onnx.TensorProto.FLOAT,):
+            if len(t.dims) >= 2 and n >= 1024:
+                kept.append({"name": t.name, "elements": n, "reason": "kept float32"})
+        else:
+            low += n
+    ops = sorted({n.op_type for n in model.graph.node})
+    quantized_ops = [op for op in ops if op in _QUANT_OPS]
+    return {
+        "quantized_fraction": low / max(1, total),
+        "quantized_ops": quantized_ops,
+        "kept_float32": kept,
+    }
+
+
+_QUANT_OPS = {
+    "MatMulInteger",
+    "DynamicQuantizeMatMul",
+    "MatMulNBits",
+    "GatherBlockQuantized",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "DynamicQuantizeLSTM",
+}
+
+
+def quantize_torch_int8(model):
+    """Dynamic int8 quantization of a copy of `model` for the TorchScript artifact."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    qconfig = {
+        nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig,
+        nn.GRU: torch.ao.quantization.default_dynamic_qconfig,
+        nn.LSTM: torch.ao.quantization.default_dynamic_qconfig,
+        nn.Embedding: torch.ao.quantization.float_qparams_weight_only_qconfig,
+    }
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model).eval(), qconfig, dtype=torch.qint8
+        )
+    done = sorted(
+        {type(m).__name__ for m in quantized.modules() if "quantized" in type(m).__module__}
+    )
+    kept = [
+        {"name": name, "reason": "nn.RNN (tanh) has no dynamic int8 kernel in torch"}
+        for name, m in model.named_modules()
+        if type(m) is nn.RNN
+    ]
+    coverage = {
+        "method": "torch dynamic int8 (per-channel Linear, GRU, LSTM) + 8-bit per-row embedding",
+        "quantized_modules": done,
+        "kept_float32": kept,
+    }
+    return quantized, coverage
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ONNX Runtime's quantizers log every node at INFO; keep the console ours."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)

