@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from edgegen.config import ModelConfig, load_config, save_config
-from edgegen.errors import CheckpointError, EdgegenError
+from edgegen.errors import CheckpointError, EdgegenError, first_line
 from edgegen.models import build_model
 from edgegen.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
 
@@ -52,8 +52,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
     try:
         load_model(model, str(directory / WEIGHTS_FILE), device=str(device))
     except (SafetensorError, RuntimeError, OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"checkpoint {directory}: cannot load weights: {first_line}"
+            f"checkpoint {directory}: cannot load weights: {first_line(e)}"
         ) from None
     return model.to(device).eval(), tokenizer

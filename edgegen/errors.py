@@ -1,6 +1,12 @@
 """Typed errors. The CLI prints any EdgegenError as one line and exits non-zero."""
 
 
+def first_line(error: BaseException) -> str:
+    """An error's first line, for wrapping other libraries' multi-line messages."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class EdgegenError(Exception):
     """Base of every error edgegen raises on purpose."""
 

@@ -23,7 +23,7 @@ import torch
 
 from edgegen.checkpoint import load_checkpoint
 from edgegen.eager import eager_generator
-from edgegen.errors import EdgegenError, VerifyError
+from edgegen.errors import EdgegenError, VerifyError, first_line
 from edgegen.export.parity import (
     QUALITY_GATES,
     TOLERANCE,
@@ -146,7 +146,7 @@ def guarded(level: int, artifact: str, check, *args) -> Check:
     try:
         return check(*args)
     except Exception as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = first_line(e)
         return Check(level, artifact, "error", "-", False, f"{type(e).__name__}: {message}"[:300])
 
 

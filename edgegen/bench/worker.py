@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any
 
+from edgegen.errors import first_line
+
 PASSAGE = (
     "Return a new list containing all items from the iterable in ascending order. "
     "A custom key function can be supplied to customize the sort order, and the "
@@ -110,7 +112,7 @@ def main() -> None:
     try:
         figures = measure(row)
     except Exception as e:  # reported by the parent as one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         figures = {"error": f"{type(e).__name__}: {first}"}
     json.dump(figures, sys.stdout)
 

@@ -12,17 +12,14 @@ with every axis dynamic.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from pathlib import Path
 
 import onnx
 import torch
 
-from edgegen.errors import ExportError
+from edgegen.errors import ExportError, first_line
 from edgegen.export.spec import StepSpec
+from edgegen.quiet import quiet
 
 MIN_OPSET = 18  # the dynamo-based exporter emits opset 18 and newer
 DEFAULT_OPSET = 18
@@ -38,7 +35,7 @@ def export_onnx(spec: StepSpec, path: Path, opset: int = DEFAULT_OPSET) -> None:
         how = dict(dynamo=True, dynamic_shapes=spec.dynamic_shapes(), external_data=False)
     else:
         how = dict(dynamo=False, dynamic_axes=spec.dynamic_axes())
-    with _quiet_exporter(), torch.no_grad():
+    with quiet("torch.onnx", "torch.export", "torch._dynamo"), torch.no_grad():
         try:
             torch.onnx.export(
                 spec.module,
@@ -51,7 +48,7 @@ def export_onnx(spec: StepSpec, path: Path, opset: int = DEFAULT_OPSET) -> None:
                 **how,
             )
         except Exception as e:  # the exporter raises many types; report one line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise ExportError(f"ONNX export failed: {first}") from e
     name_dims(path, spec)
 
@@ -90,19 +87,3 @@ def strip_debug_info(model: onnx.ModelProto) -> None:
         value.doc_string = ""
         del value.metadata_props[:]
     model.graph.doc_string = ""
-
-
-@contextlib.contextmanager
-def _quiet_exporter():
-    """The exporter prints progress and logs optional-dependency notes; none of it is ours."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)

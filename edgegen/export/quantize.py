@@ -17,9 +17,6 @@ stored transposed, so the quantizers see it as the constant it is.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -30,6 +27,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgegen.errors import ExportError
+from edgegen.quiet import quiet
 
 QUANTIZED_PRECISIONS = ("int8", "int4", "fp16")
 SUPPORTED = {("onnx", "int8"), ("onnx", "int4"), ("onnx", "fp16"), ("torchscript", "int8")}
@@ -53,7 +51,7 @@ def quantize_onnx(
 ) -> dict[str, Any]:
     """Write the `precision` version of the fp32 ONNX `src` to `dst`; return its coverage."""
     model = fold_constant_transposes(onnx.load(str(src)))
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
+    with tempfile.TemporaryDirectory() as tmp, quiet(""):  # ORT logs every node
         prepared = Path(tmp) / "prepared.onnx"
         onnx.save(model, str(prepared))
         if precision == "int8":
@@ -285,17 +283,3 @@ def quantize_torch_int8(model):
         "kept_float32": kept,
     }
     return quantized, coverage
-
-
-@contextlib.contextmanager
-def _quiet():
-    """ONNX Runtime's quantizers log every node at INFO; keep the console ours."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.setLevel(level)

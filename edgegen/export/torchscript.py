@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from edgegen.errors import ExportError
+from edgegen.errors import ExportError, first_line
 from edgegen.export.spec import StepSpec
 
 
@@ -30,5 +30,5 @@ def export_torchscript(spec: StepSpec, path: Path, opset: int | None = None) -> 
                 traced = torch.jit.trace(spec.module, example, check_trace=False)
             torch.jit.save(traced, str(path))
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise ExportError(f"TorchScript export failed: {first}") from e

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgegen.errors import BackendError
+from edgegen.errors import BackendError, first_line
 
 DEVICES = ("cpu", "cuda")
 
@@ -36,9 +36,7 @@ class OnnxRunner:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
-            raise BackendError(
-                f"ONNX Runtime cannot load {path.name}: {str(e).splitlines()[0]}"
-            ) from None
+            raise BackendError(f"ONNX Runtime cannot load {path.name}: {first_line(e)}") from None
         self.input_names = input_names
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
