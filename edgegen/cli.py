@@ -494,9 +494,11 @@ def parity_summary(manifest) -> str:
             ratio = (
                 artifact.bytes / fp32[artifact.format] if artifact.format in fp32 else float("nan")
             )
+            cov = artifact.quantization or {}
             result = (
                 f"{ratio:4.0%} of fp32; ppl {q['ppl_change']:+.2%}, top-1 {q['top1']:.1%}, "
-                f"KL {q['kl']:.1e}"
+                f"KL {q['kl']:.1e}; embedding {cov.get('embedding', '?')}, "
+                f"head {cov.get('head', '?')}"
             )
         lines.append(
             f"  {artifact.path:<16} {artifact.format:<12} {artifact.precision:<5} {size}  "

@@ -63,6 +63,30 @@ def test_quantized_artifacts_pass_their_gates_and_shrink(quantized, name):
     )
 
 
+@pytest.mark.parametrize("name", ["gpt", "lstm"])
+def test_int8_ends_in_fused_integer_kernels(quantized, name, tmp_path):
+    import onnxruntime as ort
+
+    _, manifest = quantized[name]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(manifest.path_of(manifest.artifact("onnx", "int8"))), options)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "DynamicQuantizeMatMul" in ops and "MatMulInteger" not in ops
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_coverage_says_what_embedding_and_head_became(quantized, name):
+    _, manifest = quantized[name]
+    for precision in ("int8", "int4"):
+        coverage = manifest.artifact("onnx", precision).quantization
+        assert coverage["embedding"] == "int8" and coverage["head"] == "int8"
+        assert coverage["kept_float32"] == []
+    ts = manifest.artifact("torchscript", "int8").quantization
+    assert ts["embedding"] == "int8" and ts["head"] == "int8"
+
+
 def test_rnn_weights_stay_native_ops(quantized):
     _, manifest = quantized["gru"]
     graph = onnx.load(str(manifest.path_of(manifest.artifact("onnx", "int8")))).graph

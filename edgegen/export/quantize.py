@@ -4,9 +4,9 @@
                       per-channel int8 weights; the embedding and the weights of native
                       RNN/GRU/LSTM ops (which ORT's quantizer skips) stored int8 with
                       per-row scales behind a DequantizeLinear (weight-only)
-    onnx int4         MatMulNBits (block-wise int4, block 32 by default) for MatMul,
-                      GatherBlockQuantized for the embedding; RNN weights as in int8
-                      (int4 DequantizeLinear needs opset 21)
+    onnx int4         MatMulNBits (block-wise int4, block 32 by default) for every
+                      MatMul but the output head; RNN weights int4 in blocks behind a
+                      DequantizeLinear (opset 21); head and embedding int8 per row
     onnx fp16         float16 weights and compute, float32 inputs and outputs (GPU)
     torchscript int8  torch dynamic quantization of Linear, GRU and LSTM layers and an
                       8-bit embedding, then traced like fp32
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper, numpy_helper, version_converter
 
 from edgegen.errors import ExportError
 from edgegen.quiet import quiet
@@ -103,29 +103,81 @@ def _onnx_int4(src: Path, dst: Path, block_size: int, accuracy_level: int) -> st
         quant_axes=(("MatMul", 0),),
     )
     model = onnx.load(str(src))
+    rnn_nodes = [n for n in model.graph.node if n.op_type in RNN_OPS]
+    if rnn_nodes:  # int4 DequantizeLinear (for the RNN weights) needs opset 21
+        model = version_converter.convert_version(model, 21)
     head = output_head(model)
     excluded = [head.name] if head is not None else []
     quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=excluded)
     quantizer.process()
     model = quantizer.model.model
-    quantize_rnn_weights(model)
+    kept_int8 = quantize_rnn_weights_int4(model, block_size)
     quantize_embeddings(model)
     if head is not None:
         dequantize_int8(model, next(n for n in model.graph.node if n.name == head.name), 1, axis=1)
     onnx.save(model, str(dst))
     return (
         f"MatMulNBits int4 (block {block_size}, accuracy level {accuracy_level}) for every "
-        "MatMul but the output head; head, embedding and RNN weights int8 weight-only "
-        "(per-row scales): int4 there cost a tiny model over 8% perplexity, and int4 "
-        "DequantizeLinear for RNN ops needs opset 21"
+        "MatMul but the output head; RNN weights int4 in blocks of the same size; head "
+        "and embedding int8 with per-row scales (int4 there cost a tiny model over 8% "
+        "perplexity)" + (f"; int8 instead of int4: {kept_int8}" if kept_int8 else "")
     )
+
+
+def quantize_rnn_weights_int4(model: onnx.ModelProto, block_size: int) -> list[str]:
+    """W and R of RNN/GRU/LSTM nodes as int4 in blocks along the input axis; a weight
+    whose width is not a multiple of the block size gets int8 per-row instead (named
+    in the returned list)."""
+    fallback = []
+    for node in list(model.graph.node):
+        if node.op_type in RNN_OPS:
+            for slot in (1, 2):
+                if not dequantize_int4_blocked(model, node, slot, block_size):
+                    fallback.append(f"{node.input[slot]} (width not a multiple of {block_size})")
+                    dequantize_int8(model, node, slot, axis=1)
+    return fallback
+
+
+def dequantize_int4_blocked(model, node, slot: int, block: int) -> bool:
+    """Input `slot` of `node` ([dirs, rows, width] float) as symmetric int4 with one scale
+    per `block` consecutive inputs; False when the width does not divide into blocks."""
+    graph = model.graph
+    name = node.input[slot]
+    init = next((t for t in graph.initializer if t.name == name), None)
+    if init is None or init.data_type != onnx.TensorProto.FLOAT or len(init.dims) != 3:
+        return True
+    weight = numpy_helper.to_array(init)
+    dirs, rows, width = weight.shape
+    if width % block:
+        return False
+    blocks = weight.reshape(dirs, rows, width // block, block)
+    scale = np.maximum(np.abs(blocks).max(axis=-1), 1e-12) / 7.0  # (dirs, rows, width/block)
+    q = np.clip(np.round(blocks / scale[..., None]), -8, 7).astype(np.int8).reshape(weight.shape)
+    graph.initializer.remove(init)
+    packed = helper.make_tensor(
+        f"{name}_int4", onnx.TensorProto.INT4, q.shape, q.flatten().tolist()
+    )
+    graph.initializer.extend(
+        [packed, numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale")]
+    )
+    dq = helper.make_node(
+        "DequantizeLinear",
+        [f"{name}_int4", f"{name}_scale"],
+        [f"{name}_dq"],
+        name=f"{node.name}/{name}/DequantizeLinear",
+        axis=2,
+        block_size=block,
+    )
+    graph.node.insert(list(graph.node).index(node), dq)
+    node.input[slot] = f"{name}_dq"
+    return True
 
 
 def output_head(model: onnx.ModelProto) -> onnx.NodeProto | None:
     """The MatMul/Gemm that produces the logits."""
     producers = {out: node for node in model.graph.node for out in node.output}
     node = producers.get("logits")
-    while node is not None and node.op_type not in ("MatMul", "Gemm"):
+    while node is not None and node.op_type not in _MATMULS:
         node = next((producers[i] for i in node.input if i in producers), None)
     return node
 
@@ -236,10 +288,37 @@ def onnx_coverage(model: onnx.ModelProto) -> dict[str, Any]:
     return {
         "quantized_fraction": low / max(1, total),
         "quantized_ops": quantized_ops,
+        "embedding": _embedding_storage(model),
+        "head": _head_storage(model),
         "kept_float32": kept,
     }
 
 
+def _embedding_storage(model: onnx.ModelProto) -> str:
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        if node.op_type == "GatherBlockQuantized":
+            return "int4"
+        source = producers.get(node.input[0]) if node.op_type == "Gather" else None
+        if source is not None and source.op_type == "DequantizeLinear":
+            return "int8"
+    return "float32"
+
+
+def _head_storage(model: onnx.ModelProto) -> str:
+    head = output_head(model)
+    if head is None:
+        return "none"
+    if head.op_type == "MatMulNBits":
+        return "int4"
+    if head.op_type in ("MatMulInteger", "DynamicQuantizeMatMul"):
+        return "int8"
+    producers = {out: node for node in model.graph.node for out in node.output}
+    weight = producers.get(head.input[1])
+    return "int8" if weight is not None and weight.op_type == "DequantizeLinear" else "float32"
+
+
+_MATMULS = ("MatMul", "Gemm", "MatMulInteger", "MatMulNBits", "DynamicQuantizeMatMul")
 _QUANT_OPS = {
     "MatMulInteger",
     "DynamicQuantizeMatMul",
@@ -280,6 +359,8 @@ def quantize_torch_int8(model):
     coverage = {
         "method": "torch dynamic int8 (per-channel Linear, GRU, LSTM) + 8-bit per-row embedding",
         "quantized_modules": done,
+        "embedding": "int8" if "Embedding" in done else "float32",
+        "head": "int8" if "Linear" in done else "float32",
         "kept_float32": kept,
     }
     return quantized, coverage
