@@ -46,6 +46,7 @@ def test_protocol(trained_bundles, name):
     for row in report["rows"]:
         assert set(row) >= ROW_KEYS
         assert row["runs"] == len(row["raw"]) == 2  # warm-up runs are not reported
+        assert row["token_agreement_vs_fp32"] == 1.0
         for run in row["raw"]:
             assert len(run["decode_s"]) == 7  # the first of 8 tokens comes from prefill
             prefill_calls = 1 if name == "gpt" else 2  # an RNN prefills each prompt alone

@@ -168,7 +168,18 @@ def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _same_tokens(rows) -> bool:
-    return all(r["tokens"] == rows[0]["tokens"] for r in rows)
+    """Every fp32 row produced the same tokens (quantized rows may differ: each row records
+    its agreement with the first fp32 row)."""
+    first = rows[0]["tokens"] if rows else []
+    reference = next((r["tokens"] for r in rows if r["precision"] == "fp32"), first)
+    for row in rows:
+        pairs = [
+            (a, b)
+            for x, y in zip(row["tokens"], reference, strict=False)
+            for a, b in zip(x, y, strict=False)
+        ]
+        row["token_agreement_vs_fp32"] = sum(a == b for a, b in pairs) / max(1, len(pairs))
+    return all(r["tokens"] == reference for r in rows if r["precision"] == "fp32")
 
 
 def _run_worker(row: dict[str, Any]) -> dict[str, Any]:

@@ -35,10 +35,17 @@ def _cells(report: dict[str, Any]) -> list[list[str]]:
 def _footer(report: dict[str, Any]) -> str:
     o = report["options"]
     same = "the same tokens" if report["same_tokens"] else "DIFFERENT tokens (see the JSON)"
+    quantized = [r for r in report["rows"] if r["precision"] != "fp32"]
+    if quantized:
+        agree = ", ".join(
+            f"{r['backend']} {r['precision']} {r.get('token_agreement_vs_fp32', 0):.0%}"
+            for r in quantized
+        )
+        same += f" (quantized rows agree with fp32 on: {agree})"
     return (
         f"batch {o['batch']}, prompt {o['prompt_len']} tokens, {o['new_tokens']} new tokens, "
         f"greedy, {o['warmup']} warm-up + {o['repeat']} timed runs, threads {o['threads']}; "
-        f"every row produced {same}. Memory read bandwidth "
+        f"every fp32 row produced {same}. Memory read bandwidth "
         f"{report['memory_read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
         "floor = weight bytes / bandwidth."
     )
