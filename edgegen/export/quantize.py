@@ -154,9 +154,11 @@ def dequantize_int4_blocked(model, node, slot: int, block: int) -> bool:
     scale = np.maximum(np.abs(blocks).max(axis=-1), 1e-12) / 7.0  # (dirs, rows, width/block)
     q = np.clip(np.round(blocks / scale[..., None]), -8, 7).astype(np.int8).reshape(weight.shape)
     graph.initializer.remove(init)
-    packed = helper.make_tensor(
-        f"{name}_int4", onnx.TensorProto.INT4, q.shape, q.flatten().tolist()
-    )
+    nibbles = (q.flatten() & 0x0F).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    raw = (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()  # two per byte, low nibble first
+    packed = helper.make_tensor(f"{name}_int4", onnx.TensorProto.INT4, q.shape, raw, raw=True)
     graph.initializer.extend(
         [packed, numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale")]
     )
