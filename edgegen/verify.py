@@ -25,18 +25,19 @@ from edgegen.checkpoint import load_checkpoint
 from edgegen.eager import eager_generator
 from edgegen.errors import EdgegenError, VerifyError, first_line
 from edgegen.export.parity import (
-    QUALITY_GATES,
     TOLERANCE,
     artifact_runner,
     compare,
     describe_gate,
     eval_windows,
+    gate_for,
     passes_gate,
     quality_figures,
     step_grid,
 )
 from edgegen.export.spec import step_spec
-from edgegen.runtime import load
+from edgegen.runtime import open_artifact
+from edgegen.runtime.backends import cuda_provider_available
 from edgegen.runtime.decoder import Decoder
 from edgegen.runtime.generator import Generator
 from edgegen.runtime.manifest import Manifest, read_manifest, verify_artifact
@@ -105,7 +106,8 @@ def verify_bundle(
     if tokens < 1:
         raise VerifyError(f"tokens must be positive, got {tokens}")
     report = VerifyReport(str(bundle), str(checkpoint))
-    manifest = read_manifest(bundle, verify_hashes=False)
+    # files are hashed once: by level 6 when asked for, else here
+    manifest = read_manifest(bundle, verify_hashes=6 not in levels)
     if 6 in levels:
         report.checks += check_files(manifest)
         if not report.passed:
@@ -118,11 +120,14 @@ def verify_bundle(
     spec = step_spec(model)
     fp32 = [a for a in manifest.artifacts if a.precision == "fp32"]
     eager = eager_generator(model, tokenizer)
-    generators = {a.path: load(bundle, a.format, a.precision) for a in fp32}
+    generators = {a.path: open_artifact(manifest, a.format, a.precision) for a in fp32}
+    # levels 1 and 4 run each artifact through a backend of their own, apart from the
+    # generators (levels 2, 3, 5), so a fault in the loop cannot hide in both
+    runners = {a.path: artifact_runner(a.format, manifest.path_of(a), spec) for a in fp32}
     for artifact in fp32:
-        run = artifact_runner(artifact.format, manifest.path_of(artifact), spec)
         tolerance = TOLERANCE[artifact.precision]
-        gen, name = generators[artifact.path], artifact.path
+        name = artifact.path
+        gen, run = generators[name], runners[name]
         if 1 in levels:
             report.checks.append(guarded(1, name, check_steps, spec, run, name, tolerance))
         if 2 in levels:
@@ -132,9 +137,10 @@ def verify_bundle(
     if 4 in levels:
         windows = eval_windows(tokenizer, eval_text, spec)
         for artifact in manifest.artifacts:
-            changes = (quality_gates or {}).get(artifact.precision, {})
-            gate = {**QUALITY_GATES[artifact.precision], **changes}
-            report.checks.append(check_artifact_quality(manifest, artifact, spec, gate, windows))
+            gate = gate_for(artifact.precision, quality_gates)
+            run = runners.get(artifact.path)  # fp32 artifacts are open already
+            check = check_artifact_quality(manifest, artifact, spec, gate, windows, run)
+            report.checks.append(check)
     if 5 in levels:
         everyone = {"eager": eager, **generators}
         report.checks.append(guarded(5, "all", check_sampling, everyone, prompts, tokens))
@@ -150,22 +156,18 @@ def guarded(level: int, artifact: str, check, *args) -> Check:
         return Check(level, artifact, "error", "-", False, f"{type(e).__name__}: {message}"[:300])
 
 
-def check_artifact_quality(manifest, artifact, spec, gate, windows) -> Check:
-    """Level 4 for one artifact; fp16 runs on a CUDA GPU or is skipped."""
+def check_artifact_quality(manifest, artifact, spec, gate, windows, run=None) -> Check:
+    """Level 4 for one artifact (opened here unless `run` is given); fp16 runs on a CUDA
+    GPU or is skipped."""
     device = "cuda" if artifact.precision == "fp16" else "cpu"
     if device == "cuda" and not cuda_provider_available():
         return Check(4, artifact.path, "skipped: fp16 runs on a CUDA GPU, none here", "-", True)
-    path = manifest.path_of(artifact)
-    run = guarded(4, artifact.path, artifact_runner, artifact.format, path, spec, device)
-    if isinstance(run, Check):
-        return run
+    if run is None:
+        path = manifest.path_of(artifact)
+        run = guarded(4, artifact.path, artifact_runner, artifact.format, path, spec, device)
+        if isinstance(run, Check):
+            return run
     return guarded(4, artifact.path, check_quality, spec, run, artifact.path, gate, windows)
-
-
-def cuda_provider_available() -> bool:
-    import onnxruntime
-
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 def check_quality(spec, run, artifact: str, gate: dict[str, float], windows) -> Check:

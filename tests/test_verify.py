@@ -133,11 +133,11 @@ def test_level_3_catches_an_off_by_one_position(trained_bundles, monkeypatch):
     ckpt, bundle = trained_bundles["gpt"]
 
     def load_off_by_one(*args):
-        generator = edgegen.runtime.load(*args)
+        generator = edgegen.runtime.open_artifact(*args)
         generator.runner = OffByOneRunner(generator.runner)
         return generator
 
-    monkeypatch.setattr(verify_module, "load", load_off_by_one)
+    monkeypatch.setattr(verify_module, "open_artifact", load_off_by_one)
     report = verify_bundle(bundle, ckpt, levels=(1, 3), tokens=32)
     assert failed_levels(report) == {3}  # every single step is right; the loop is not
     failure = next(c for c in report.checks if not c.passed)

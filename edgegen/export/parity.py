@@ -157,6 +157,13 @@ def quality_figures(spec: StepSpec, run: Runner, windows: torch.Tensor) -> dict[
     }
 
 
+def gate_for(
+    precision: str, changes: dict[str, dict[str, float]] | None = None
+) -> dict[str, float]:
+    """QUALITY_GATES[precision] with any fields the caller changed."""
+    return {**QUALITY_GATES[precision], **(changes or {}).get(precision, {})}
+
+
 def passes_gate(figures: dict[str, float], gate: dict[str, float]) -> bool:
     """Perplexity may not rise by more than the gate (a fall is fine)."""
     return (

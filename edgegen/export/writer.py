@@ -27,6 +27,7 @@ from edgegen.export.parity import (
     check_parity,
     describe_gate,
     eval_windows,
+    gate_for,
     passes_gate,
     quality_figures,
     step_grid,
@@ -43,6 +44,7 @@ from edgegen.export.quantize import FILENAMES as QUANTIZED_FILENAMES
 from edgegen.export.spec import step_spec
 from edgegen.export.torchscript import export_torchscript
 from edgegen.files import sha256_file, write_atomically, write_json
+from edgegen.runtime.backends import cuda_provider_available
 from edgegen.runtime.generator import default_generation_config
 from edgegen.runtime.manifest import (
     FORMAT_NAME,
@@ -155,7 +157,7 @@ class QuantizeOptions:
             raise ExportError("none of the asked precisions exists for the asked formats")
 
     def gate(self, precision: str) -> dict[str, float]:
-        return {**QUALITY_GATES[precision], **self.gates.get(precision, {})}
+        return gate_for(precision, self.gates)
 
 
 def add_quantized(
@@ -238,11 +240,7 @@ def quantize_bundle(
 def _make_quantized(fmt, precision, tmp: Path, path: Path, model, options) -> dict[str, Any]:
     if precision == "fp16":
         _require_cuda_provider()
-    if fmt == "onnx":
-        if not (tmp / FILENAMES["onnx"]).exists():
-            raise ExportError(
-                "ONNX quantization needs the fp32 ONNX artifact: include the onnx format"
-            )
+    if fmt == "onnx":  # the fp32 graph was written to tmp just before
         return quantize_onnx(
             tmp / FILENAMES["onnx"], path, precision, options.block_size, options.accuracy_level
         )
@@ -269,7 +267,7 @@ def gate_quantized(spec, run, name: str, precision: str, gate, windows) -> dict[
 
 
 def _require_cuda_provider() -> None:
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+    if not cuda_provider_available():
         raise ExportError(
             "fp16 artifacts are for GPUs and are checked on one: this machine's onnxruntime "
             "has no CUDA execution provider (pip install onnxruntime-gpu on a CUDA machine)"

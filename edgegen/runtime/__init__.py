@@ -25,6 +25,7 @@ __all__ = [
     "Sampler",
     "SamplingParams",
     "load",
+    "open_artifact",
     "read_manifest",
 ]
 
@@ -39,6 +40,26 @@ def load(
     threads: int | None = None,
 ) -> Generator:
     """A Generator over one artifact of a bundle, after validating the manifest and hashes."""
+    _check_request(backend, device, threads, precision)
+    return open_artifact(read_manifest(bundle_dir), backend, precision, device, threads)
+
+
+def open_artifact(
+    manifest: Manifest,
+    backend: str = "onnx",
+    precision: str = "fp32",
+    device: str = "cpu",
+    threads: int | None = None,
+) -> Generator:
+    """A Generator over one artifact of an already validated manifest."""
+    _check_request(backend, device, threads, precision)
+    artifact = manifest.artifact(backend, precision)
+    input_names = [io["name"] for io in manifest.signature["inputs"]]
+    runner = RUNNERS[backend](manifest.path_of(artifact), input_names, device, threads)
+    return Generator(runner, manifest.signature, manifest.tokenizer, manifest.generation, backend)
+
+
+def _check_request(backend: str, device: str, threads, precision: str) -> None:
     if backend not in RUNNERS:
         raise BackendError(f"unknown backend {backend!r}; choose from {', '.join(RUNNERS)}")
     if device not in DEVICES:
@@ -47,8 +68,3 @@ def load(
         raise BackendError(f"threads must be a positive integer, got {threads!r}")
     if precision == "fp16" and device != "cuda":
         raise BackendError("fp16 artifacts are for GPUs: load them with device='cuda'")
-    manifest = read_manifest(bundle_dir)
-    artifact = manifest.artifact(backend, precision)
-    input_names = [io["name"] for io in manifest.signature["inputs"]]
-    runner = RUNNERS[backend](manifest.path_of(artifact), input_names, device, threads)
-    return Generator(runner, manifest.signature, manifest.tokenizer, manifest.generation, backend)

@@ -15,6 +15,13 @@ from edgegen.errors import BackendError, first_line
 DEVICES = ("cpu", "cuda")
 
 
+def cuda_provider_available() -> bool:
+    """Whether this onnxruntime has its CUDA execution provider (onnxruntime-gpu)."""
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 class OnnxRunner:
     def __init__(
         self, path: Path, input_names: list[str], device: str = "cpu", threads: int | None = None
@@ -23,7 +30,7 @@ class OnnxRunner:
 
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
+            if not cuda_provider_available():
                 raise BackendError(
                     "device cuda needs ONNX Runtime's CUDA execution provider, which this "
                     "onnxruntime lacks: pip uninstall onnxruntime && pip install onnxruntime-gpu"
