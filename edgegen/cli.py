@@ -324,6 +324,7 @@ def export_command(
 ) -> None:
     """Export a checkpoint to a bundle, gated by parity with eager PyTorch."""
     from edgegen.export import export_bundle
+    from edgegen.export.summary import bundle_summary
 
     quantize = build_quantize_options(precisions, block_size, accuracy_level, gates, eval_text)
     manifest = export_bundle(
@@ -336,7 +337,7 @@ def export_command(
         on_artifact=lambda what: click.echo(f"exporting {what}...", err=True),
         quantize=quantize,
     )
-    click.echo(parity_summary(manifest))
+    click.echo(bundle_summary(manifest))
 
 
 @main.command("quantize")
@@ -356,6 +357,7 @@ def quantize_command(
 ) -> None:
     """Add quantized artifacts to a bundle, each gated on quality."""
     from edgegen.export import quantize_bundle
+    from edgegen.export.summary import bundle_summary
 
     options = build_quantize_options(precisions, block_size, accuracy_level, gates, eval_text)
     manifest = quantize_bundle(
@@ -364,7 +366,7 @@ def quantize_command(
         options,
         on_artifact=lambda w: click.echo(f"quantizing {w}...", err=True),
     )
-    click.echo(parity_summary(manifest))
+    click.echo(bundle_summary(manifest))
 
 
 @main.command("verify")
@@ -473,38 +475,6 @@ def bench_command(backends, precisions, json_out, markdown_out, plot_out, quiet,
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def parity_summary(manifest) -> str:
-    lines = [
-        f"{manifest.directory}: {manifest.config.family} bundle, checked against eager PyTorch"
-    ]
-    reports = manifest.data["parity"]["artifacts"]
-    fp32 = {a.format: a.bytes for a in manifest.artifacts if a.precision == "fp32"}
-    for artifact in manifest.artifacts:
-        report = reports[artifact.path]
-        size = f"{artifact.bytes / 1e6:7.2f} MB"
-        if artifact.precision == "fp32":
-            result = (
-                f"max |diff| {report['max_abs_diff']:.1e} <= {report['tolerance']:.0e} "
-                f"over {len(report['checks'])} checks"
-            )
-        else:
-            q = report["quality"]
-            ratio = (
-                artifact.bytes / fp32[artifact.format] if artifact.format in fp32 else float("nan")
-            )
-            cov = artifact.quantization or {}
-            result = (
-                f"{ratio:4.0%} of fp32; ppl {q['ppl_change']:+.2%}, top-1 {q['top1']:.1%}, "
-                f"KL {q['kl']:.1e}; embedding {cov.get('embedding', '?')}, "
-                f"head {cov.get('head', '?')}"
-            )
-        lines.append(
-            f"  {artifact.path:<16} {artifact.format:<12} {artifact.precision:<5} {size}  "
-            f"{result}: pass"
-        )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
