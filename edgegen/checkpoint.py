@@ -15,6 +15,7 @@ from safetensors.torch import load_model, save_model
 
 from edgegen.config import ModelConfig, load_config, save_config
 from edgegen.errors import CheckpointError, EdgegenError, first_line
+from edgegen.files import recover_interrupted
 from edgegen.models import build_model
 from edgegen.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
 
@@ -33,6 +34,7 @@ def write_model_files(directory: Path, model: torch.nn.Module, tokenizer: Tokeni
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, tokenizer) from a checkpoint directory."""
     directory = Path(directory)
+    recover_interrupted(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {directory}")
     missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]

@@ -84,6 +84,12 @@ def main(ctx: click.Context, debug: bool) -> None:
 )
 @click.option("--eval-interval", type=int, default=100, show_default=True)
 @click.option(
+    "--save-interval",
+    type=int,
+    default=None,
+    help="Checkpoint every N steps [default: --eval-interval].",
+)
+@click.option(
     "--out",
     type=click.Path(),
     default="runs/model",

@@ -30,7 +30,7 @@ from edgegen.checkpoint import CONFIG_FILE, WEIGHTS_FILE, write_model_files
 from edgegen.config import GPTConfig, ModelConfig, preset
 from edgegen.corpus import Corpus, load_corpus
 from edgegen.errors import CheckpointError, ConfigError
-from edgegen.files import write_atomically, write_json
+from edgegen.files import recover_interrupted, write_atomically, write_json
 from edgegen.models import build_model, count_parameters
 from edgegen.progress import ProgressLine
 from edgegen.tokenizer import ByteTokenizer, Tokenizer
@@ -112,6 +112,7 @@ def train(
     returning True stops the run after saving a checkpoint, as Ctrl-C does.
     """
     out = Path(options.out)
+    recover_interrupted(out)
     saved = _read_train_state(out) if resume else None
     if saved is not None:
         keep = ("steps", "device", "eval_interval", "save_interval", "out")

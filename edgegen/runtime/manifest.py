@@ -16,7 +16,7 @@ from typing import Any
 
 from edgegen.config import ModelConfig, config_from_dict
 from edgegen.errors import BundleError, EdgegenError
-from edgegen.files import sha256_file
+from edgegen.files import recover_interrupted, sha256_file
 from edgegen.tokenizer import Tokenizer, tokenizer_from_dict
 
 MANIFEST_FILE = "manifest.json"
@@ -85,6 +85,7 @@ class Manifest:
 def read_manifest(directory: str | Path, verify_hashes: bool = True) -> Manifest:
     """Read and validate a bundle's manifest; with `verify_hashes`, check every artifact file."""
     directory = Path(directory)
+    recover_interrupted(directory)
     if not directory.is_dir():
         raise BundleError(f"bundle directory not found: {directory}")
     path = directory / MANIFEST_FILE
