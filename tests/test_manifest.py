@@ -4,12 +4,15 @@ import shutil
 import pytest
 import torch
 
+import edgegen.runtime
 from edgegen.checkpoint import write_model_files
 from edgegen.config import preset
 from edgegen.errors import BundleError
 from edgegen.export import export_bundle
+from edgegen.files import sha256_file
 from edgegen.models import build_model
 from edgegen.runtime.manifest import read_manifest
+from edgegen.runtime.onnx_refs import _CHILDREN, external_data_locations
 from edgegen.tokenizer import ByteTokenizer
 
 
@@ -94,3 +97,130 @@ def test_symlink_out_of_the_bundle_is_rejected(copy, tmp_path):
     (copy / "model.onnx").symlink_to(outside)
     with pytest.raises(BundleError, match="outside the bundle"):
         read_manifest(copy)
+
+
+# --- ONNX external data ------------------------------------------------------------
+
+
+def to_external(bundle_dir, location="weights.bin"):
+    """Move model.onnx's weights into `location` and return its path."""
+    import onnx
+
+    model = onnx.load(bundle_dir / "model.onnx")
+    onnx.save(
+        model,
+        bundle_dir / "model.onnx",
+        save_as_external_data=True,
+        location=location,
+        size_threshold=0,
+    )
+    edit(
+        bundle_dir,
+        lambda d: d["artifacts"][0].update(sha256=sha256_file(bundle_dir / "model.onnx")),
+    )
+    return bundle_dir / location
+
+
+def point_weights_at(bundle_dir, location):
+    """Rewrite every external-data location in model.onnx (onnx refuses to write these)."""
+    import onnx
+
+    model = onnx.load(bundle_dir / "model.onnx", load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    (bundle_dir / "model.onnx").write_bytes(model.SerializeToString())
+    edit(
+        bundle_dir,
+        lambda d: d["artifacts"][0].update(sha256=sha256_file(bundle_dir / "model.onnx")),
+    )
+
+
+def test_external_data_must_be_hashed_in_the_manifest(copy, bundle):
+    weights = to_external(copy)
+    with pytest.raises(BundleError, match="a file the manifest does not hash"):
+        read_manifest(copy)
+    edit(
+        copy,
+        lambda d: d["artifacts"][0].update(external_data={"weights.bin": sha256_file(weights)}),
+    )
+    gen = edgegen.runtime.load(copy)
+    same = edgegen.runtime.load(bundle)
+    assert (
+        gen.generate("ab", max_new_tokens=8, seed=1).text
+        == same.generate("ab", max_new_tokens=8, seed=1).text
+    )
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(BundleError, match=r"weights\.bin does not match its manifest hash"):
+        read_manifest(copy)
+    weights.unlink()
+    with pytest.raises(BundleError, match="which is missing"):
+        read_manifest(copy)
+
+
+@pytest.mark.parametrize(
+    "location,message",
+    [
+        ("../outside.bin", "outside the bundle directory"),
+        ("/tmp/outside.bin", "outside the bundle directory"),
+        ("sub/../../outside.bin", "outside the bundle directory"),
+    ],
+)
+def test_external_data_outside_the_bundle_is_rejected(copy, location, message):
+    to_external(copy)
+    point_weights_at(copy, location)
+    with pytest.raises(BundleError, match=message):
+        read_manifest(copy)
+
+
+def test_external_data_symlinked_out_of_the_bundle_is_rejected(copy, tmp_path):
+    weights = to_external(copy)
+    outside = tmp_path / "outside.bin"
+    shutil.move(weights, outside)
+    weights.symlink_to(outside)
+    edit(
+        copy,
+        lambda d: d["artifacts"][0].update(external_data={"weights.bin": sha256_file(outside)}),
+    )
+    with pytest.raises(BundleError, match="resolves outside the bundle directory"):
+        read_manifest(copy)
+
+
+def test_the_wire_reader_knows_onnx_field_numbers():
+    """onnx_refs walks the protobuf by field number; onnx's own descriptors must agree."""
+    import onnx
+
+    messages = {
+        "model": onnx.ModelProto,
+        "function": onnx.FunctionProto,
+        "graph": onnx.GraphProto,
+        "node": onnx.NodeProto,
+        "attribute": onnx.AttributeProto,
+        "sparse": onnx.SparseTensorProto,
+        "tensor": onnx.TensorProto,
+    }
+    kinds = {v: k for k, v in messages.items()}
+    kinds[onnx.StringStringEntryProto] = "entry"
+    for kind, message in messages.items():
+        embedded = {
+            f.number: f.message_type.name
+            for f in message.DESCRIPTOR.fields
+            if f.message_type is not None and f.message_type.name in {m.__name__ for m in kinds}
+        }
+        for number, kind_name in _CHILDREN[kind].items():
+            assert kinds[getattr(onnx, embedded[number])] == kind_name, (kind, number)
+        if kind != "tensor":  # only TensorProto's entries are locations
+            holders = {n for n, name in embedded.items() if name != "StringStringEntryProto"}
+            assert holders <= set(_CHILDREN[kind]), (kind, holders - set(_CHILDREN[kind]))
+
+
+def test_damaged_model_bytes_give_clean_errors(copy):
+    data = (copy / "model.onnx").read_bytes()
+    for cut in (7, len(data) // 2, len(data) - 3):
+        (copy / "model.onnx").write_bytes(data[:cut])
+        with pytest.raises(BundleError, match="not a readable ONNX model"):
+            external_data_locations(copy / "model.onnx")
+    (copy / "model.onnx").write_bytes(b"")
+    with pytest.raises(BundleError, match="is empty"):
+        external_data_locations(copy / "model.onnx")

@@ -10,6 +10,7 @@ defaults, and the versions of the tools that produced it.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from edgegen.config import ModelConfig, config_from_dict
 from edgegen.errors import BundleError, EdgegenError
 from edgegen.files import recover_interrupted, sha256_file
+from edgegen.runtime.onnx_refs import external_data_locations
 from edgegen.tokenizer import Tokenizer, tokenizer_from_dict
 
 MANIFEST_FILE = "manifest.json"
@@ -48,6 +50,7 @@ class Artifact:
     bytes: int
     opset: int | None = None  # ONNX only
     quantization: dict[str, Any] | None = None  # method and coverage (quantized artifacts)
+    external_data: dict[str, str] | None = None  # ONNX external-data file -> sha256
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if v is not None}
@@ -140,13 +143,41 @@ def verify_artifact(manifest: Manifest, artifact: Artifact) -> Path:
         raise BundleError(f"artifact {artifact.path} resolves outside the bundle directory")
     if not path.is_file():
         raise BundleError(f"bundle {manifest.directory} is missing {artifact.path}")
-    digest = sha256_file(path)
-    if digest != artifact.sha256:
-        raise BundleError(
-            f"{artifact.path} does not match its manifest hash (sha256 {digest[:12]}..., "
-            f"expected {artifact.sha256[:12]}...): the file is damaged or was changed"
-        )
+    _check_hash(path, artifact.path, artifact.sha256)
+    if artifact.format == "onnx":
+        _check_external_data(manifest, artifact)
     return path
+
+
+def _check_hash(path: Path, name: str, expected: str) -> None:
+    digest = sha256_file(path)
+    if digest != expected:
+        raise BundleError(
+            f"{name} does not match its manifest hash (sha256 {digest[:12]}..., "
+            f"expected {expected[:12]}...): the file is damaged or was changed"
+        )
+
+
+def _check_external_data(manifest: Manifest, artifact: Artifact) -> None:
+    """Every file an ONNX model reads its weights from must sit inside the bundle and
+    be hashed in the manifest, like the model itself."""
+    path = manifest.path_of(artifact)
+    listed = artifact.external_data or {}
+    for location in sorted(external_data_locations(path)):
+        where = f"{artifact.path} keeps weights in {location!r}"
+        try:
+            _check_relative_path(location)
+        except BundleError:
+            raise BundleError(f"{where}, outside the bundle directory") from None
+        target = path.parent / location
+        if not target.resolve().is_relative_to(manifest.directory.resolve()):
+            raise BundleError(f"{where}, which resolves outside the bundle directory")
+        relative = target.relative_to(manifest.directory).as_posix()
+        if relative not in listed:
+            raise BundleError(f"{where}, a file the manifest does not hash")
+        if not target.is_file():
+            raise BundleError(f"{where}, which is missing")
+        _check_hash(target, relative, listed[relative])
 
 
 def _parse_artifact(data: Any) -> Artifact:
@@ -161,9 +192,19 @@ def _parse_artifact(data: Any) -> Artifact:
         raise BundleError(f"artifact {artifact.path}: unknown format {artifact.format!r}")
     if artifact.precision not in PRECISIONS:
         raise BundleError(f"artifact {artifact.path}: unknown precision {artifact.precision!r}")
-    if not isinstance(artifact.sha256, str) or len(artifact.sha256) != 64:
-        raise BundleError(f"artifact {artifact.path}: sha256 must be 64 hex digits")
+    _check_sha256(artifact.sha256, artifact.path)
+    if artifact.external_data is not None:
+        if not isinstance(artifact.external_data, dict):
+            raise BundleError(f"artifact {artifact.path}: external_data must be an object")
+        for name, digest in artifact.external_data.items():
+            _check_relative_path(name)
+            _check_sha256(digest, name)
     return artifact
+
+
+def _check_sha256(digest: Any, name: str) -> None:
+    if not isinstance(digest, str) or not re.fullmatch("[0-9a-f]{64}", digest):
+        raise BundleError(f"artifact {name}: sha256 must be 64 hex digits")
 
 
 def _check_relative_path(path: Any) -> None:
