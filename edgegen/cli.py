@@ -10,32 +10,59 @@ from pathlib import Path
 import click
 
 from edgegen.config import RNN_CELLS, parse_override
-from edgegen.errors import EdgegenError
+from edgegen.errors import EdgegenError, first_line
+
+
+class OneLineError(click.ClickException):
+    """A usage error as one line on stderr, like every other error (exit code 2)."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
 
 
 class EdgegenGroup(click.Group):
-    """Turns edgegen's own errors into one line on stderr and exit code 1."""
+    """Every error becomes one line on stderr and a non-zero exit; --debug adds the
+    traceback. edgegen's own errors and OS errors exit 1, usage errors 2, Ctrl-C 130."""
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as e:
+            raise _one_line(e) from None
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except EdgegenError as e:
-            if ctx.obj and ctx.obj.get("debug"):
-                traceback.print_exc()
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(1)
-        except OSError as e:
-            where = f": {e.filename}" if e.filename else ""
-            click.echo(f"error: {e.strerror or e}{where}", err=True)
-            ctx.exit(1)
+        except click.UsageError as e:
+            raise _one_line(e) from None
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
-        except ImportError as e:
-            click.echo(
-                f"error: {e.msg}; install the export extra: pip install 'edgegen[export]'", err=True
-            )
+        except Exception as e:
+            if ctx.obj and ctx.obj.get("debug"):  # set by the group's callback
+                traceback.print_exc()
+            click.echo(f"error: {' '.join(_describe(e).splitlines())}", err=True)
             ctx.exit(1)
+
+
+def _one_line(e: click.UsageError) -> OneLineError:
+    command = e.ctx.command_path if e.ctx else "edgegen"
+    message = " ".join(e.format_message().split())
+    return OneLineError(f"{message} (see: {command} --help)")
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, EdgegenError):
+        return str(e)
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}: {e.filename}" if e.filename else str(e.strerror or e)
+    if isinstance(e, ImportError):
+        return f"{e.msg}; install the export extra: pip install 'edgegen[export]'"
+    return f"unexpected {type(e).__name__}: {first_line(e)} (run with --debug for a traceback)"
 
 
 @click.group(cls=EdgegenGroup)
