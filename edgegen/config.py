@@ -124,7 +124,7 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
         raise ConfigError("a model config must be a JSON object")
     data = dict(data)
     family = data.pop("family", None)
-    if family not in FAMILIES:
+    if not isinstance(family, str) or family not in FAMILIES:
         raise ConfigError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
     cls = FAMILIES[family]
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}

@@ -72,7 +72,7 @@ def tokenizer_from_dict(data: Any) -> Tokenizer:
     if not isinstance(data, dict):
         raise TokenizerError("a tokenizer spec must be a JSON object")
     kind = data.get("type")
-    if kind not in TOKENIZER_TYPES:
+    if not isinstance(kind, str) or kind not in TOKENIZER_TYPES:
         raise TokenizerError(
             f"unknown tokenizer type {kind!r}; known: {', '.join(TOKENIZER_TYPES)}"
         )

@@ -134,8 +134,8 @@ def test_presence_and_frequency_penalties():
 def test_min_new_tokens_suppresses_eos():
     logits = np.array([[0.0, 10.0]])
     sampler = Sampler(temperature=0, eos_token_id=1, min_new_tokens=2)
-    assert sampler(logits, generated=[[5]]).tolist() == [0]
-    assert sampler(logits, generated=[[5, 6]]).tolist() == [1]
+    assert sampler(logits, generated=[[0]]).tolist() == [0]
+    assert sampler(logits, generated=[[0, 0]]).tolist() == [1]
 
 
 @pytest.mark.parametrize(

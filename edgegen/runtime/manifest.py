@@ -27,6 +27,7 @@ FORMAT_VERSION = 1
 ARTIFACT_FORMATS = ("onnx", "torchscript")
 PRECISIONS = ("fp32", "int8", "int4", "fp16")
 DTYPES = ("int64", "float32")
+LAYOUTS = ("kv_cache", "recurrent")
 
 _REQUIRED = {
     "format": str,
@@ -121,14 +122,17 @@ def parse_manifest(data: Any, directory: Path) -> Manifest:
             f"bundle format version {version} is not supported: this edgegen reads "
             f"version {FORMAT_VERSION} (upgrade edgegen to read newer bundles)"
         )
+    if not isinstance(data["model"].get("config"), dict):
+        raise BundleError("manifest field 'model' needs a 'config' object")
     try:
         config = config_from_dict(
-            {"family": data["model"].get("family"), **data["model"].get("config", {})}
+            {"family": data["model"].get("family"), **data["model"]["config"]}
         )
         tokenizer = tokenizer_from_dict(data["tokenizer"].get("spec"))
     except EdgegenError as e:
         raise BundleError(f"manifest: {e}") from None
     _check_signature(data["signature"])
+    _check_generation(data["generation"])
     artifacts = tuple(_parse_artifact(a) for a in data["artifacts"])
     if not artifacts:
         raise BundleError("manifest lists no artifacts")
@@ -216,22 +220,65 @@ def _check_relative_path(path: Any) -> None:
 
 
 def _check_signature(signature: dict[str, Any]) -> None:
+    """Everything the Decoder relies on, so a damaged manifest stops here, not mid-run."""
     for key in ("inputs", "outputs", "state"):
         if not isinstance(signature.get(key), list):
             raise BundleError(f"manifest signature is missing its {key!r} list")
-    names = {}
+    layout = signature.get("layout")
+    if not isinstance(layout, dict) or layout.get("kind") not in LAYOUTS:
+        raise BundleError(f"manifest signature layout kind must be one of {', '.join(LAYOUTS)}")
+    names: dict[str, dict[str, Any]] = {}
     for io in signature["inputs"] + signature["outputs"]:
         if not isinstance(io, dict) or not isinstance(io.get("name"), str):
             raise BundleError("each signature input/output needs a name")
         if io.get("dtype") not in DTYPES:
             raise BundleError(f"signature {io['name']}: unknown dtype {io.get('dtype')!r}")
-        if not isinstance(io.get("shape"), list):
-            raise BundleError(f"signature {io['name']}: shape must be a list")
+        shape = io.get("shape")
+        if not isinstance(shape, list) or not all(_is_dim(d) for d in shape):
+            raise BundleError(f"signature {io['name']}: shape must list dim names or sizes")
         names[io["name"]] = io
+    inputs = {io["name"] for io in signature["inputs"]}
+    needed = {"input_ids"} | (
+        {"position_ids", "attention_mask"} if layout["kind"] == "kv_cache" else set()
+    )
+    if not needed <= inputs:
+        raise BundleError(
+            f"manifest signature lacks the inputs {', '.join(sorted(needed - inputs))}"
+        )
     for pair in signature["state"]:
         if (
             not isinstance(pair, dict)
-            or pair.get("input") not in names
-            or pair.get("output") not in names
+            or not isinstance(pair.get("input"), str)
+            or not isinstance(pair.get("output"), str)
+            or pair["input"] not in inputs
+            or pair["output"] not in names
         ):
             raise BundleError(f"signature state entry {pair!r} names an unknown input or output")
+    if not signature["state"] or not all(
+        "batch" in names[pair["input"]]["shape"] for pair in signature["state"]
+    ):
+        raise BundleError("manifest signature needs state inputs with a batch axis")
+
+
+def _check_generation(generation: dict[str, Any]) -> None:
+    for key, ok in _GENERATION_TYPES.items():
+        if key in generation and not ok(generation[key]):
+            raise BundleError(f"manifest generation field {key!r} has a bad value")
+
+
+def _is_dim(d: Any) -> bool:
+    return isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)
+
+
+def _optional_int(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+
+
+_GENERATION_TYPES = {
+    "add_bos": lambda v: isinstance(v, bool),
+    "bos_token_id": _optional_int,
+    "eos_token_id": _optional_int,
+    "pad_token_id": _optional_int,
+    "max_seq_len": _optional_int,
+    "max_new_tokens": _optional_int,
+}

@@ -102,7 +102,7 @@ class Sampler:
         """logits [B, V] -> token ids [B]. `seen`: prompt + generated ids per row (for
         the repetition penalty); `generated`: ids generated so far per row."""
         p = self.params
-        logits = np.array(logits, dtype=np.float64)
+        logits = _checked(logits, seen, generated)
         for b in range(logits.shape[0]):
             if seen is not None or generated is not None:
                 apply_penalties(
@@ -123,6 +123,23 @@ class Sampler:
             draw = self.rng.random() * cumulative[-1]
             out[b] = min(int(np.searchsorted(cumulative, draw, side="right")), len(probs) - 1)
         return out
+
+
+def _checked(logits, seen, generated) -> np.ndarray:
+    """A float64 copy of `logits` [B, V], after checking what the sampler relies on."""
+    logits = np.array(logits, dtype=np.float64)
+    _check(logits.ndim == 2 and logits.size > 0, "logits must be a non-empty [batch, vocab] array")
+    _check(not np.isnan(logits).any(), "logits contain NaN")
+    _check(not np.isposinf(logits).any(), "logits contain +inf")
+    _check(np.isfinite(logits).any(axis=-1).all(), "a row of logits has no finite value")
+    for ids in (seen or ()), (generated or ()):
+        _check(len(ids) in (0, len(logits)), "seen/generated need one list per row of logits")
+        for row in ids:
+            _check(
+                all(0 <= int(t) < logits.shape[-1] for t in row),
+                f"token ids must lie in [0, {logits.shape[-1]})",
+            )
+    return logits
 
 
 def apply_penalties(logits: np.ndarray, seen, generated, p: SamplingParams) -> None:
