@@ -97,7 +97,7 @@ def test_torchscript_loads_without_edgegen(tmp_path, checkpoints, name):
         "ids = torch.tensor([[256, 72, 105]]); "
         + (
             "out = m(ids, torch.arange(3)[None], torch.ones(1, 3, dtype=torch.long), "
-            "*[torch.zeros(1, 4, 0, 8)] * 4)"
+            "*[torch.zeros(0, 1, 4, 8)] * 4)"
             if name.startswith("gpt")
             else "out = m(ids, torch.zeros(2, 1, 48), torch.zeros(2, 1, 48))"
         )
@@ -109,12 +109,12 @@ def test_torchscript_loads_without_edgegen(tmp_path, checkpoints, name):
 def test_manifest_records_the_contract(tmp_path, checkpoints):
     manifest = export_bundle(checkpoints["gpt-learned"], tmp_path / "b", max_seq_len=64)
     data = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert data["format"] == "edgegen-bundle" and data["format_version"] == 1
+    assert data["format"] == "edgegen-bundle" and data["format_version"] == 2
     assert data["model"]["family"] == "gpt" and data["model"]["config"]["dim"] == 32
     assert data["tokenizer"]["spec"]["type"] == "byte"
     sig = data["signature"]
-    assert sig["state"][0] == {"input": "past_key_values.0.key", "output": "present.0.key"}
-    assert sig["layout"]["kv_axes"] == ["batch", "heads", "seq", "head_dim"]
+    assert sig["state"][0] == {"input": "past_key_values.0.key", "output": "new_key_values.0.key"}
+    assert sig["layout"]["kv_axes"] == ["seq", "batch", "heads", "head_dim"]
     assert {a["format"]: a.get("opset") for a in data["artifacts"]} == {
         "onnx": 18,
         "torchscript": None,

@@ -49,7 +49,8 @@ def test_valid_bundle_reads(bundle):
 @pytest.mark.parametrize(
     "change,message",
     [
-        (lambda d: d.update(format_version=2), "bundle format version 2 is not supported"),
+        (lambda d: d.update(format_version=3), "bundle format version 3 is not supported"),
+        (lambda d: d.update(format_version=1), "export the checkpoint again"),
         (lambda d: d.pop("signature"), "missing the field 'signature'"),
         (lambda d: d.update(format="other"), "not an edgegen bundle"),
         (lambda d: d["artifacts"][0].update(path="/etc/passwd"), "must stay inside the bundle"),

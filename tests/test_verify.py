@@ -94,12 +94,12 @@ def test_level_1_catches_a_perturbed_weight(gpt_copy):
 
 
 class StaleCacheDecoder(Decoder):
-    """Decodes every token against the cache left by prefill (drops each update)."""
+    """Loses each decoded token's keys and values (its cache slot stays zero)."""
 
     def decode_one_token(self, tokens):
-        state = self.state
         logits = super().decode_one_token(tokens)
-        self.state = state
+        for buffer in self.state:
+            buffer[self.length - 1] = 0
         return logits
 
 

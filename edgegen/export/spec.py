@@ -3,16 +3,21 @@ dims, state pairs, and how to make inputs for it. Export, parity and the manifes
 all read this; the model code knows nothing of it.
 
     GPT  input_ids[batch,seq] position_ids[batch,seq] attention_mask[batch,total]
-         past_key_values.{i}.key|value[batch,heads,past,head_dim]
-      -> logits[batch,seq,vocab] present.{i}.key|value[batch,heads,total,head_dim]
+         past_key_values.{i}.key|value[past,batch,heads,head_dim]
+      -> logits[batch,seq,vocab] new_key_values.{i}.key|value[seq,batch,heads,head_dim]
     RNN  input_ids[batch,seq] state.h[layers,batch,hidden] (state.c for LSTM)
       -> logits[batch,seq,vocab] state_out.h (state_out.c)
 
-`total` is past + seq. The state outputs feed the state inputs of the next step.
+`total` is past + seq. An RNN's state outputs replace its state inputs. A GPT step
+returns only the keys and values of its new tokens, and the runtime appends them
+to a cache it owns: the cache is sequence-major, so its first `past` slots are one
+contiguous block that ONNX Runtime reads in place. Nothing copies the cache per
+token, so decode latency stays flat as the context grows.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,19 +26,72 @@ from torch import nn
 
 from edgegen.config import GPTConfig
 from edgegen.models import GPT, RNNLM
+from edgegen.models.gpt import apply_rotary, attention_bias
 
 
 class GPTStep(nn.Module):
-    """GPT with positional step inputs: (input_ids, position_ids, attention_mask, *past)."""
+    """GPT with positional step inputs (input_ids, position_ids, attention_mask, *past)
+    and a sequence-major cache: each past [past, B, nh, hs] in, each new [T, B, nh, hs] out.
+
+    Attention over the past and over the new tokens are two matmuls under one softmax,
+    so the past is only read (ONNX Runtime folds its transpose into the matmul):
+
+        scores = [ q.K_past^T | q.K_new^T ] / sqrt(hs) + mask  ->  softmax  ->  p_past | p_new
+        out    = p_past.V_past + p_new.V_new
+    """
 
     def __init__(self, model: GPT) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, input_ids, position_ids, attention_mask, *past_key_values):
-        return self.model(
-            input_ids, *past_key_values, position_ids=position_ids, attention_mask=attention_mask
-        )
+        model = self.model
+        past_len = past_key_values[0].shape[0]
+        bias = attention_bias(input_ids.shape[1], past_len, attention_mask, input_ids.device)
+        x = model.tok_emb(input_ids)  # (B, T, dim)
+        if model.pos_emb is not None:
+            x = x + model.pos_emb(position_ids)
+        rope = model.rope(position_ids) if model.rope is not None else None
+        new = []
+        for i, block in enumerate(model.blocks):
+            a, k, v = self._attend(
+                block.attn,
+                block.norm1(x),
+                past_key_values[2 * i],
+                past_key_values[2 * i + 1],
+                bias,
+                rope,
+            )
+            x = x + a
+            x = x + block.mlp(block.norm2(x))
+            new += [k, v]
+        return (model.head(model.norm(x)), *new)
+
+    @staticmethod
+    def _attend(attn, x, past_k, past_v, bias, rope):
+        B, T, C = x.shape
+        nh, hs = attn.n_heads, attn.head_dim
+        q, k, v = attn.qkv(x).split(C, dim=2)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)
+        v = v.view(B, T, nh, hs).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        scale = 1.0 / math.sqrt(hs)
+        scores = torch.cat(
+            [q @ past_k.permute(1, 2, 3, 0), q @ k.transpose(-1, -2)], dim=-1
+        )  # (B, nh, T, past+T)
+        scores = (scores * scale).masked_fill(~bias, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        past_len = past_k.shape[0]
+        y = probs[..., :past_len] @ past_v.permute(1, 2, 0, 3) + probs[..., past_len:] @ v
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, dim)
+        return attn.proj(y), k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)  # new: (T, B, nh, hs)
+
+    def init_state(self, batch: int) -> tuple[torch.Tensor, ...]:
+        cfg = self.model.config
+        empty = torch.zeros(0, batch, cfg.n_heads, cfg.head_dim)
+        return tuple(empty.clone() for _ in self.model.state_names)
 
 
 class RNNStep(nn.Module):
@@ -130,6 +188,7 @@ class StepSpec:
                     position_ids=positions[:, :past].contiguous(),
                     attention_mask=mask[:, :past].contiguous(),
                 )
+        state = [s.permute(2, 0, 1, 3).contiguous() for s in state]  # (past, B, nh, hs)
         values = (ids[:, past:].contiguous(), positions[:, past:].contiguous(), mask, *state)
         return dict(zip(self.input_names, values, strict=True))
 
@@ -137,12 +196,26 @@ class StepSpec:
         """Inputs for reading whole rows `ids` [B, T] from an empty state."""
         batch, seq = ids.shape
         ids = ids.contiguous()  # quantized embeddings insist
-        state = self.module.model.init_state(batch)
         if not self.is_gpt:
+            state = self.module.model.init_state(batch)
             return dict(zip(self.input_names, (ids, *state), strict=True))
+        state = self.module.init_state(batch)
         positions = torch.arange(seq).expand(batch, seq).contiguous()
         mask = torch.ones(batch, seq, dtype=torch.int64)
         return dict(zip(self.input_names, (ids, positions, mask, *state), strict=True))
+
+    def model_logits(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The original model's logits for step inputs with an empty state: the reference
+        that proves the step module itself, not only its export."""
+        model = self.module.model
+        with torch.no_grad():
+            if self.is_gpt:
+                return model(
+                    feeds["input_ids"],
+                    position_ids=feeds["position_ids"],
+                    attention_mask=feeds["attention_mask"],
+                )[0]
+            return model(*feeds.values())[0]
 
     def advance(
         self, feeds: dict[str, torch.Tensor], outputs: list, next_ids: torch.Tensor
@@ -151,6 +224,8 @@ class StepSpec:
         state = [torch.as_tensor(o) for o in outputs[-self.n_state :]]
         if not self.is_gpt:
             return dict(zip(self.input_names, (next_ids[:, None], *state), strict=True))
+        past = [feeds[name] for name in self.input_names[-self.n_state :]]
+        state = [torch.cat([p, new], dim=0) for p, new in zip(past, state, strict=True)]
         mask = torch.cat([feeds["attention_mask"], torch.ones_like(next_ids)[:, None]], dim=1)
         positions = feeds["position_ids"][:, -1:] + 1
         values = (next_ids[:, None], positions, mask, *state)
@@ -171,8 +246,8 @@ def step_spec(model: GPT | RNNLM) -> StepSpec:
     logits = {"name": "logits", "dtype": "float32", "shape": ["batch", "seq", cfg.vocab_size]}
     ids = {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}
     if isinstance(cfg, GPTConfig):
-        kv = ["batch", cfg.n_heads, "past", cfg.head_dim]
-        present = ["batch", cfg.n_heads, "total", cfg.head_dim]
+        kv = ["past", "batch", cfg.n_heads, cfg.head_dim]
+        new = ["seq", "batch", cfg.n_heads, cfg.head_dim]
         layers = [(i, part) for i in range(cfg.n_layers) for part in ("key", "value")]
         inputs = [
             ids,
@@ -182,15 +257,16 @@ def step_spec(model: GPT | RNNLM) -> StepSpec:
             {"name": f"past_key_values.{i}.{p}", "dtype": "float32", "shape": kv} for i, p in layers
         ]
         outputs = [logits] + [
-            {"name": f"present.{i}.{p}", "dtype": "float32", "shape": present} for i, p in layers
+            {"name": f"new_key_values.{i}.{p}", "dtype": "float32", "shape": new} for i, p in layers
         ]
         layout = {
             "kind": "kv_cache",
-            "kv_axes": ["batch", "heads", "seq", "head_dim"],
+            "update": "append",  # new keys/values go after the past; the runtime owns the cache
+            "kv_axes": ["seq", "batch", "heads", "head_dim"],
             "n_layers": cfg.n_layers,
             "n_heads": cfg.n_heads,
             "head_dim": cfg.head_dim,
-            "seq_axis": 2,
+            "seq_axis": 0,
             "max_seq_len": cfg.max_seq_len,
         }
         return StepSpec(GPTStep(model).eval(), inputs, outputs, len(layers), layout)

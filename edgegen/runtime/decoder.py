@@ -5,6 +5,12 @@ signature order). The Decoder owns the run state between steps: the model state
 (KV cache or hidden state) and, for KV-cache models, the attention mask and
 positions. It never knows which backend it drives.
 
+KV cache: the step returns only the new tokens' keys and values; the Decoder
+writes them into preallocated sequence-major buffers [capacity, batch, heads,
+head_dim] and feeds `buffer[:length]` back, a contiguous view that the backend
+reads in place. Per token nothing is copied but the new slots; a full buffer
+doubles (amortised, rare).
+
 Ragged batches: GPT prompts are left-padded, masked and positioned so that every
 row computes what it would alone. An RNN cannot skip padding, so each RNN prompt
 is prefilled alone and the final states are stacked for batched decoding.
@@ -17,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 _NP_DTYPES = {"int64": np.int64, "float32": np.float32}
+_MIN_CAPACITY = 64
 
 
 class StepRunner(Protocol):
@@ -30,14 +37,17 @@ class Decoder:
         self.state_inputs = [pair["input"] for pair in signature["state"]]
         self.n_state = len(self.state_inputs)
         self.kv_cache = signature["layout"]["kind"] == "kv_cache"
-        self.state: list[np.ndarray] = []
-        self.mask: np.ndarray | None = None
+        self.state: list[np.ndarray] = []  # recurrent state, or the KV buffers
+        self.length = 0  # KV slots filled
+        self.mask = np.zeros((0, 0), dtype=np.int64)  # KV: [batch, capacity]
         self.positions: np.ndarray | None = None
+        self._ids = np.zeros((0, 1), dtype=np.int64)
 
     def prefill(self, prompts: list[list[int]]) -> np.ndarray:
         """Start a batch: logits after each prompt's last token, [B, V]."""
         if self.kv_cache:
             return self._prefill_padded(prompts)
+        self._ids = np.zeros((len(prompts), 1), dtype=np.int64)
         logits, states = [], []
         for prompt in prompts:
             outputs = self._run(np.asarray([prompt], dtype=np.int64), self.initial_state(1))
@@ -49,13 +59,16 @@ class Decoder:
 
     def decode_one_token(self, tokens: np.ndarray) -> np.ndarray:
         """Append one token per row: logits [B, V]."""
-        ids = np.asarray(tokens, dtype=np.int64)[:, None]  # (B, 1)
-        if self.kv_cache:
-            self.mask = np.concatenate([self.mask, np.ones_like(ids)], axis=1)
-            self.positions = self.positions + 1
-        outputs = self._run(ids, self.state)
-        self.state = outputs[1:]
-        return outputs[0][:, -1]
+        ids = self._ids
+        ids[:, 0] = tokens
+        if not self.kv_cache:
+            outputs = self._run(ids, self.state)
+            self.state = outputs[1:]
+            return outputs[0][:, -1]
+        self._reserve(self.length + 1)
+        self.mask[:, self.length] = 1
+        self.positions += 1
+        return self._step_kv(ids, self.positions)
 
     def initial_state(self, batch: int) -> list[np.ndarray]:
         state = []
@@ -66,26 +79,58 @@ class Decoder:
         return state
 
     def _prefill_padded(self, prompts: list[list[int]]) -> np.ndarray:
-        width = max(len(p) for p in prompts)
-        ids = np.full((len(prompts), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(prompts), width), dtype=np.int64)
+        batch, width = len(prompts), max(len(p) for p in prompts)
+        ids = np.full((batch, width), self.pad_id, dtype=np.int64)
+        self.state, self.length = self.initial_state(batch), 0
+        self.mask = np.zeros((batch, 0), dtype=np.int64)
+        self._ids = np.zeros((batch, 1), dtype=np.int64)
+        self._reserve(width)
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt) :] = prompt
-            mask[row, width - len(prompt) :] = 1
-        self.mask = mask
-        positions = np.maximum(mask.cumsum(axis=1) - 1, 0)  # a padded row starts at 0
-        self.positions = positions[:, -1:]
-        outputs = self._run(ids, self.initial_state(len(prompts)), positions)
-        self.state = outputs[1:]
+            self.mask[row, width - len(prompt) : width] = 1
+        positions = np.maximum(self.mask[:, :width].cumsum(axis=1) - 1, 0)  # padding starts at 0
+        self.positions = positions[:, -1:].copy()
+        return self._step_kv(ids, positions)
+
+    def _step_kv(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        end = self.length + ids.shape[1]
+        feeds = {
+            "input_ids": ids,
+            "position_ids": positions,
+            "attention_mask": np.ascontiguousarray(self.mask[:, :end]),
+        }
+        feeds.update(
+            (name, buffer[: self.length])
+            for name, buffer in zip(self.state_inputs, self.state, strict=True)
+        )
+        outputs = self.runner.run(feeds)
+        for buffer, new in zip(self.state, outputs[1:], strict=True):
+            buffer[self.length : end] = new
+        self.length = end
         return outputs[0][:, -1]
 
-    def _run(self, ids: np.ndarray, state: list[np.ndarray], positions=None) -> list[np.ndarray]:
-        feeds = {"input_ids": ids}
-        if self.kv_cache:
-            feeds["position_ids"] = self.positions if positions is None else positions
-            feeds["attention_mask"] = self.mask
-        feeds.update(zip(self.state_inputs, state, strict=True))
-        return self.runner.run(feeds)
+    def _reserve(self, needed: int) -> None:
+        """Grow the KV buffers and the mask (doubling) to hold `needed` slots."""
+        capacity = self.state[0].shape[0]
+        if needed <= capacity:
+            return
+        capacity = max(_MIN_CAPACITY, capacity)
+        while capacity < needed:
+            capacity *= 2
+        grown = []
+        for buffer in self.state:
+            bigger = np.zeros((capacity, *buffer.shape[1:]), dtype=buffer.dtype)
+            bigger[: self.length] = buffer[: self.length]
+            grown.append(bigger)
+        self.state = grown
+        mask = np.zeros((self.mask.shape[0], capacity), dtype=np.int64)
+        mask[:, : self.length] = self.mask[:, : self.length]
+        self.mask = mask
+
+    def _run(self, ids: np.ndarray, state: list[np.ndarray]) -> list[np.ndarray]:
+        return self.runner.run(
+            {"input_ids": ids, **dict(zip(self.state_inputs, state, strict=True))}
+        )
 
     def _batch_axis(self) -> int:
         return self.inputs[self.state_inputs[0]]["shape"].index("batch")

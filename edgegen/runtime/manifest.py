@@ -23,7 +23,7 @@ from edgegen.tokenizer import Tokenizer, tokenizer_from_dict
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_NAME = "edgegen-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a GPT step returns only new keys/values (sequence-major cache)
 ARTIFACT_FORMATS = ("onnx", "torchscript")
 PRECISIONS = ("fp32", "int8", "int4", "fp16")
 DTYPES = ("int64", "float32")
@@ -117,10 +117,15 @@ def parse_manifest(data: Any, directory: Path) -> Manifest:
     if data["format"] != FORMAT_NAME:
         raise BundleError(f"not an edgegen bundle manifest (format {data['format']!r})")
     version = data["format_version"]
-    if version > FORMAT_VERSION or version < 1:
+    if version > FORMAT_VERSION:
         raise BundleError(
             f"bundle format version {version} is not supported: this edgegen reads "
             f"version {FORMAT_VERSION} (upgrade edgegen to read newer bundles)"
+        )
+    if version < FORMAT_VERSION:
+        raise BundleError(
+            f"bundle format version {version} is older than this edgegen's {FORMAT_VERSION}: "
+            "export the checkpoint again"
         )
     if not isinstance(data["model"].get("config"), dict):
         raise BundleError("manifest field 'model' needs a 'config' object")
@@ -258,6 +263,11 @@ def _check_signature(signature: dict[str, Any]) -> None:
         "batch" in names[pair["input"]]["shape"] for pair in signature["state"]
     ):
         raise BundleError("manifest signature needs state inputs with a batch axis")
+    if layout["kind"] == "kv_cache" and (
+        layout.get("update") != "append"
+        or any(names[pair["input"]]["shape"][:1] != ["past"] for pair in signature["state"])
+    ):
+        raise BundleError("manifest signature: a KV cache must be sequence-major and appended to")
 
 
 def _check_generation(generation: dict[str, Any]) -> None:
