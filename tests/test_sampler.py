@@ -45,6 +45,33 @@ def test_sampling_follows_the_distribution():
 
 
 @pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=0.7, top_k=5),
+        dict(temperature=1.3, top_p=0.8),
+        dict(temperature=1.0, top_k=6, top_p=0.9, min_p=0.05),
+        dict(temperature=0.9, min_p=0.2),
+    ],
+)
+def test_drawn_tokens_follow_the_filtered_distribution(kwargs):
+    """The sampler's candidate-only draw and `logits_to_probs` describe one distribution."""
+    logits = np.random.default_rng(1).normal(size=(1, 12)) * 2
+    want = logits_to_probs(
+        logits[0],
+        kwargs["temperature"],
+        kwargs.get("top_k"),
+        kwargs.get("top_p"),
+        kwargs.get("min_p"),
+    )
+    sampler = Sampler(seed=0, **kwargs)
+    n = 6000
+    draws = np.array([sampler(logits)[0] for _ in range(n)])
+    got = np.bincount(draws, minlength=12) / n
+    assert set(np.flatnonzero(got)) <= set(np.flatnonzero(want))
+    assert got == pytest.approx(want, abs=0.025)
+
+
+@pytest.mark.parametrize(
     "kwargs,message",
     [
         (dict(temperature=-1), "temperature"),

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edgegen.errors import GenerationError
+from edgegen.errors import GenerationError, SamplingError
 from edgegen.runtime.decoder import Decoder, StepRunner
 from edgegen.runtime.sampler import Sampler, SamplingParams
 from edgegen.tokenizer import Tokenizer
@@ -128,19 +128,24 @@ class Run:
         start = time.perf_counter()
         logits = decoder.prefill(self.prompts)
         self.prefill_s = time.perf_counter() - start
+        pad = self.g.tokenizer.pad_id
         for step in range(p.max_new_tokens):
-            _check_finite(logits, step)
-            tokens = sampler(logits, self.seen, self.generated)
-            for row, token in enumerate(tokens):
+            try:
+                tokens = sampler(logits, self.seen, self.generated)
+            except SamplingError as e:  # the sampler checks the logits it is given
+                raise GenerationError(
+                    f"the model produced non-finite logits at generation step {step} ({e})"
+                ) from None
+            for row, token in enumerate(tokens.tolist()):
                 if self.finished[row] is None:
-                    self._accept(row, int(token))
+                    self._accept(row, token)
             yield
             if all(self.finished):
                 return
+            if any(self.finished):  # finished rows feed padding
+                tokens = np.where([f is None for f in self.finished], tokens, pad)
             start = time.perf_counter()
-            logits = decoder.decode_one_token(
-                np.where([f is None for f in self.finished], tokens, self.g.tokenizer.pad_id)
-            )
+            logits = decoder.decode_one_token(tokens)
             self.decode_s.append(time.perf_counter() - start)
 
     def _accept(self, row: int, token: int) -> None:
@@ -215,8 +220,3 @@ def default_generation_config(tokenizer: Tokenizer, context: int | None) -> dict
         "top_k": 40,
         "top_p": 0.95,
     }
-
-
-def _check_finite(logits: np.ndarray, step: int) -> None:
-    if not np.isfinite(logits).all():
-        raise GenerationError(f"the model produced non-finite logits at generation step {step}")

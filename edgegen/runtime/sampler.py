@@ -70,6 +70,12 @@ class SamplingParams:
         object.__setattr__(self, "stop", stop)
 
     @property
+    def penalized(self) -> bool:
+        return bool(
+            self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty
+        )
+
+    @property
     def greedy(self) -> bool:
         return self.do_sample is False or self.temperature == 0
 
@@ -102,56 +108,79 @@ class Sampler:
         """logits [B, V] -> token ids [B]. `seen`: prompt + generated ids per row (for
         the repetition penalty); `generated`: ids generated so far per row."""
         p = self.params
-        logits = _checked(logits, seen, generated)
+        logits = _checked(logits)
+        for rows in (seen, generated):
+            _check(not rows or len(rows) == len(logits), "seen/generated need a list per row")
+        suppress_eos = p.min_new_tokens > 0 and p.eos_token_id is not None and generated is not None
+        if p.greedy and not p.penalized and not suppress_eos:
+            return logits.argmax(axis=-1)  # the common path: no copy
+        logits = logits.astype(np.float64)
         for b in range(logits.shape[0]):
-            if seen is not None or generated is not None:
+            if p.penalized and (seen is not None or generated is not None):
                 apply_penalties(
                     logits[b], seen[b] if seen else (), generated[b] if generated else (), p
                 )
-            if (
-                p.eos_token_id is not None
-                and generated is not None
-                and len(generated[b]) < p.min_new_tokens
-            ):
+            if suppress_eos and len(generated[b]) < p.min_new_tokens:
                 logits[b, p.eos_token_id] = -np.inf
         if p.greedy:
             return logits.argmax(axis=-1)
         out = np.empty(logits.shape[0], dtype=np.int64)
         for b, row in enumerate(logits):
-            probs = logits_to_probs(row, p.temperature, p.top_k, p.top_p, p.min_p)
-            cumulative = np.cumsum(probs)
-            draw = self.rng.random() * cumulative[-1]
-            out[b] = min(int(np.searchsorted(cumulative, draw, side="right")), len(probs) - 1)
+            out[b] = self._draw(row)
         return out
 
+    def _draw(self, row: np.ndarray) -> int:
+        """One token from a row of logits, as `logits_to_probs` filters them, on the few
+        candidates that matter: a partial sort for top-k, then one sort of those, so
+        top-p and min-p are prefixes of it. No array is larger than the row."""
+        p = self.params
+        ids = None
+        if p.top_k is not None and p.top_k < row.shape[-1]:
+            ids = np.argpartition(row, -p.top_k)[-p.top_k :]
+            row = row[ids]
+        order = np.argsort(row)[::-1]  # most likely first
+        weights = np.exp((row[order] - row[order[0]]) / p.temperature)  # the best weighs 1
+        cumulative = np.cumsum(weights)
+        keep = len(weights)
+        if p.top_p is not None and p.top_p < 1.0:
+            keep = min(keep, int(np.searchsorted(cumulative, p.top_p * cumulative[-1])) + 1)
+        if p.min_p:
+            keep = min(keep, int(np.count_nonzero(weights >= p.min_p)))
+        draw = self.rng.random() * cumulative[keep - 1]
+        pick = order[min(int(np.searchsorted(cumulative, draw, side="right")), keep - 1)]
+        return int(ids[pick]) if ids is not None else int(pick)
 
-def _checked(logits, seen, generated) -> np.ndarray:
-    """A float64 copy of `logits` [B, V], after checking what the sampler relies on."""
-    logits = np.array(logits, dtype=np.float64)
+
+def _checked(logits) -> np.ndarray:
+    """`logits` [B, V] as an array, after checking what the sampler relies on."""
+    logits = np.asarray(logits)
     _check(logits.ndim == 2 and logits.size > 0, "logits must be a non-empty [batch, vocab] array")
-    _check(not np.isnan(logits).any(), "logits contain NaN")
-    _check(not np.isposinf(logits).any(), "logits contain +inf")
-    _check(np.isfinite(logits).any(axis=-1).all(), "a row of logits has no finite value")
-    for ids in (seen or ()), (generated or ()):
-        _check(len(ids) in (0, len(logits)), "seen/generated need one list per row of logits")
-        for row in ids:
-            _check(
-                all(0 <= int(t) < logits.shape[-1] for t in row),
-                f"token ids must lie in [0, {logits.shape[-1]})",
-            )
+    if not np.isfinite(logits).all():  # one pass in the common case
+        _check(not np.isnan(logits).any(), "logits contain NaN")
+        _check(not np.isposinf(logits).any(), "logits contain +inf")
+        _check(np.isfinite(logits).any(axis=-1).all(), "a row of logits has no finite value")
     return logits
+
+
+def _row_ids(ids, vocab: int) -> np.ndarray:
+    ids = np.asarray(ids, dtype=np.int64)
+    _check(
+        ids.ndim == 1 and (ids.size == 0 or (ids.min() >= 0 and ids.max() < vocab)),
+        f"token ids must lie in [0, {vocab})",
+    )
+    return ids
 
 
 def apply_penalties(logits: np.ndarray, seen, generated, p: SamplingParams) -> None:
     """In place, on one row of logits."""
     if p.repetition_penalty != 1.0 and len(seen):
-        ids = np.unique(np.asarray(seen, dtype=np.int64))
+        ids = np.unique(_row_ids(seen, logits.shape[-1]))
         values = logits[ids]
         logits[ids] = np.where(
             values > 0, values / p.repetition_penalty, values * p.repetition_penalty
         )
     if (p.presence_penalty or p.frequency_penalty) and len(generated):
-        ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+        ids, counts = np.unique(_row_ids(generated, logits.shape[-1]), return_counts=True)
         logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
 
 
