@@ -482,6 +482,13 @@ def verify_command(bundle, checkpoint, levels, tokens, eval_text, gates, json_ou
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("--warmup", type=int, default=2, show_default=True)
 @click.option("--repeat", type=int, default=5, show_default=True)
+@click.option(
+    "--cold-repeat",
+    type=int,
+    default=5,
+    show_default=True,
+    help="Fresh `edgegen generate` processes timed for the cold start (0: none).",
+)
 @click.option("--json", "json_out", type=click.Path(), default=None)
 @click.option("--markdown", "markdown_out", type=click.Path(), default=None)
 @click.option(

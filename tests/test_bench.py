@@ -29,7 +29,7 @@ ROW_KEYS = {
 
 
 def quick(bundle, ckpt=None, **kw):
-    base = dict(new_tokens=8, prompt_len=8, warmup=1, repeat=2, long_tokens=20)
+    base = dict(new_tokens=8, prompt_len=8, warmup=1, repeat=2, long_tokens=20, cold_repeat=0)
     return BenchOptions(bundle=str(bundle), checkpoint=ckpt and str(ckpt), **{**base, **kw})
 
 
@@ -114,6 +114,22 @@ def test_cli_bench(trained_bundles, tmp_path):
     assert (tmp_path / "r.md").read_text().count("\n|") >= 4
     bad = CliRunner().invoke(main, ["bench", str(tmp_path / "nope")])
     assert bad.exit_code == 1 and bad.stderr.startswith("error: bundle directory not found")
+
+
+def test_cold_start_and_context_growth(trained_bundles):
+    options = quick(trained_bundles["gpt"][1], backends=("onnx",), long_tokens=100, cold_repeat=2)
+    report = run_bench(options, progress=False)
+    cold = report["cold_start"]
+    assert 0 < cold["first_token_s"] < 30 and len(cold["runs"]) == 2
+    assert 20e6 < cold["peak_rss_bytes"] < 1e9  # the child's own peak, not the parent's
+    (row,) = report["rows"]
+    growth = row["context_growth"]
+    assert growth["early_position"] == 16 and growth["late_position"] == 8 + 99 - 8
+    assert growth["ratio"] > 0
+    text = bench_report.table(report)
+    assert "Cold start" in text and "late/early" in text
+    with pytest.raises(BenchError, match="cold_repeat"):
+        run_bench(quick(trained_bundles["gpt"][1], cold_repeat=-1), progress=False)
 
 
 def test_plot_or_a_note(trained_bundles, tmp_path):

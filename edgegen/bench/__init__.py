@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 import edgegen
+from edgegen.bench.cold import cold_start
 from edgegen.bench.machine import machine_info, memory_read_bandwidth
 from edgegen.errors import BenchError
 from edgegen.progress import ProgressLine
@@ -43,11 +44,14 @@ class BenchOptions:
     warmup: int = 2
     repeat: int = 5
     long_tokens: int = 1000  # the per-position run; fewer if the context ends first
+    cold_repeat: int = 5  # fresh `edgegen generate` processes timed (ONNX fp32); 0: none
 
     def validate(self) -> None:
         for name in ("batch", "prompt_len", "new_tokens", "repeat", "long_tokens"):
             if getattr(self, name) < 1:
                 raise BenchError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.cold_repeat < 0:
+            raise BenchError(f"cold_repeat must be >= 0, got {self.cold_repeat}")
         if self.warmup < 0 or (self.threads is not None and self.threads < 1):
             raise BenchError("warmup must be >= 0 and threads positive")
         unknown = [b for b in self.backends if b not in BACKENDS]
@@ -87,6 +91,10 @@ def run_bench(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
         }
         figures = _run_worker(row)
         measured.append(summarize(backend, precision, weight_bytes, figures, bandwidth, options))
+    cold = None
+    if options.cold_repeat and any(r[:2] == ("onnx", "fp32") for r in rows):
+        bar.update(len(rows), "timing cold starts", force=True)
+        cold = cold_start(options.bundle, "fp32", options.cold_repeat)
     bar.update(len(rows), "done", force=True)
     bar.close()
     return {
@@ -98,6 +106,7 @@ def run_bench(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
         "memory_read_bandwidth_bytes_per_s": bandwidth,
         "rows": add_ratios(measured),
         "same_tokens": _same_tokens(measured),
+        "cold_start": cold,
     }
 
 
@@ -153,7 +162,21 @@ def summarize(backend, precision, weight_bytes, figures, bandwidth, options) -> 
         "torch_imported": figures["torch_imported"],
         "tokens": figures["tokens"],
         "per_position_decode_s": figures["long_decode_s"],
+        "context_growth": context_growth(figures["long_decode_s"], options.prompt_len),
         "raw": figures["runs"],
+    }
+
+
+def context_growth(per_position: list[float], prompt_len: int, span: int = 16) -> dict | None:
+    """Decode latency late in the long run over latency early in it (medians of `span`
+    steps): 1.0 is a flat context."""
+    if len(per_position) < 4 * span:
+        return None
+    early, late = np.median(per_position[:span]), np.median(per_position[-span:])
+    return {
+        "early_position": prompt_len + span // 2,
+        "late_position": prompt_len + len(per_position) - span // 2,
+        "ratio": float(late / early),
     }
 
 

@@ -18,7 +18,11 @@ COLUMNS = (
     ("overhead us/tok", lambda r: f"{r['overhead_per_token_s'] * 1e6:.0f}"),
     ("peak RSS MB", lambda r: f"{r['peak_rss_bytes'] / 1e6:.0f}"),
     ("size MB", lambda r: f"{r['weight_bytes'] / 1e6:.2f}"),
-    ("x floor", lambda r: f"{r['floor_multiple']:.1f}"),
+    ("x floor", lambda r: f"{r['floor_multiple']:.2f}"),
+    (
+        "late/early",
+        lambda r: f"{r['context_growth']['ratio']:.2f}" if r.get("context_growth") else "-",
+    ),
     (
         "vs eager",
         lambda r: f"{r['decode_speedup_vs_eager']:.2f}x" if "decode_speedup_vs_eager" in r else "-",
@@ -47,7 +51,27 @@ def _footer(report: dict[str, Any]) -> str:
         f"greedy, {o['warmup']} warm-up + {o['repeat']} timed runs, threads {o['threads']}; "
         f"every fp32 row produced {same}. Memory read bandwidth "
         f"{report['memory_read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
-        "floor = weight bytes / bandwidth."
+        "floor = weight bytes / bandwidth." + _growth_note(report) + _cold_note(report)
+    )
+
+
+def _growth_note(report: dict[str, Any]) -> str:
+    growth = next((r["context_growth"] for r in report["rows"] if r.get("context_growth")), None)
+    if growth is None:
+        return ""
+    return (
+        f" late/early = decode latency near position {growth['late_position']} over "
+        f"position {growth['early_position']}."
+    )
+
+
+def _cold_note(report: dict[str, Any]) -> str:
+    cold = report.get("cold_start")
+    if not cold:
+        return ""
+    return (
+        f" Cold start (a fresh `edgegen generate` process, ONNX fp32): first token after "
+        f"{cold['first_token_s']:.2f} s, peak RSS {cold['peak_rss_bytes'] / 1e6:.0f} MB."
     )
 
 

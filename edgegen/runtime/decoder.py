@@ -65,7 +65,8 @@ class Decoder:
             outputs = self._run(ids, self.state)
             self.state = outputs[1:]
             return outputs[0][:, -1]
-        self._reserve(self.length + 1)
+        if self.length == self.state[0].shape[0]:
+            self._reserve(self.length + 1)
         self.mask[:, self.length] = 1
         self.positions += 1
         return self._step_kv(ids, self.positions)
@@ -93,19 +94,14 @@ class Decoder:
         return self._step_kv(ids, positions)
 
     def _step_kv(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        end = self.length + ids.shape[1]
-        feeds = {
-            "input_ids": ids,
-            "position_ids": positions,
-            "attention_mask": np.ascontiguousarray(self.mask[:, :end]),
-        }
-        feeds.update(
-            (name, buffer[: self.length])
-            for name, buffer in zip(self.state_inputs, self.state, strict=True)
-        )
+        start, end = self.length, self.length + ids.shape[1]
+        mask = self.mask[:, :end]  # contiguous for one row; a batch copies B x end ints
+        feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
+        for name, buffer in zip(self.state_inputs, self.state, strict=True):
+            feeds[name] = buffer[:start]
         outputs = self.runner.run(feeds)
         for buffer, new in zip(self.state, outputs[1:], strict=True):
-            buffer[self.length : end] = new
+            buffer[start:end] = new
         self.length = end
         return outputs[0][:, -1]
 
