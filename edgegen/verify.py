@@ -123,7 +123,10 @@ def verify_bundle(
     generators = {a.path: open_artifact(manifest, a.format, a.precision) for a in fp32}
     # levels 1 and 4 run each artifact through a backend of their own, apart from the
     # generators (levels 2, 3, 5), so a fault in the loop cannot hide in both
-    runners = {a.path: artifact_runner(a.format, manifest.path_of(a), spec) for a in fp32}
+    runners = {
+        a.path: artifact_runner(a.format, manifest.path_of(a), spec, "cpu", a.session_config)
+        for a in fp32
+    }
     for artifact in fp32:
         tolerance = TOLERANCE[artifact.precision]
         name = artifact.path
@@ -164,7 +167,16 @@ def check_artifact_quality(manifest, artifact, spec, gate, windows, run=None) ->
         return Check(4, artifact.path, "skipped: fp16 runs on a CUDA GPU, none here", "-", True)
     if run is None:
         path = manifest.path_of(artifact)
-        run = guarded(4, artifact.path, artifact_runner, artifact.format, path, spec, device)
+        run = guarded(
+            4,
+            artifact.path,
+            artifact_runner,
+            artifact.format,
+            path,
+            spec,
+            device,
+            artifact.session_config,
+        )
         if isinstance(run, Check):
             return run
     return guarded(4, artifact.path, check_quality, spec, run, artifact.path, gate, windows)

@@ -58,6 +58,10 @@ def test_valid_bundle_reads(bundle):
         (lambda d: d["artifacts"][0].update(format="tflite"), "unknown format"),
         (lambda d: d["artifacts"][0].update(precision="int3"), "unknown precision"),
         (lambda d: d["artifacts"][0].update(extra=1), "unexpected keyword"),
+        (
+            lambda d: d["artifacts"][0].update(session_config={"session.load_model_format": "x"}),
+            "session_config may only set",
+        ),
         (lambda d: d.update(artifacts=[]), "lists no artifacts"),
         (lambda d: d["model"].update(family="cnn"), "unknown model family"),
         (lambda d: d["tokenizer"].update(spec={"type": "bpe", "version": 1}), "tokenizer type"),

@@ -101,11 +101,25 @@ def test_torchscript_int8_reports_what_it_kept(quantized):
     coverage = manifest.artifact("torchscript", "int8").quantization
     assert coverage["kept_float32"] and "nn.RNN" in coverage["kept_float32"][0]["reason"]
     _, gru = quantized["gru"]
-    assert (
-        "DynamicQuantizedGRU"
-        in " ".join(gru.artifact("torchscript", "int8").quantization["quantized_modules"])
-        or True
-    )
+    assert "GRU" in gru.artifact("torchscript", "int8").quantization["quantized_modules"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_rnn_weights_are_folded_at_load_and_gpt_ones_are_not(quantized, name):
+    """ORT has no integer RNN kernels: int8/int4 RNN artifacts ask ORT to fold their
+    weight-only DequantizeLinear at load, and the runtime and the gates open them so."""
+    _, manifest = quantized[name]
+    want = None if name.startswith("gpt") else {"session.disable_quant_qdq": "1"}
+    for precision in ("int8", "int4"):
+        artifact = manifest.artifact("onnx", precision)
+        assert artifact.session_config == want
+        gen = edgegen.runtime.load(manifest.directory, precision=precision)
+        entries = gen.runner.session.get_session_options()
+        if want:
+            assert entries.get_session_config_entry("session.disable_quant_qdq") == "1"
+        else:
+            with pytest.raises(RuntimeError, match="does not have configuration"):
+                entries.get_session_config_entry("session.disable_quant_qdq")
 
 
 @pytest.mark.parametrize("name", ["gpt", "lstm"])

@@ -43,9 +43,12 @@ PROMPT_LEN, DECODE_STEPS = 7, 5
 Runner = Callable[[dict[str, torch.Tensor]], list[np.ndarray]]
 
 
-def artifact_runner(fmt: str, path: Path, spec: StepSpec, device: str = "cpu") -> Runner:
-    """The runtime's own backend for the artifact, so the gate checks what users run."""
-    runner = RUNTIME_RUNNERS[fmt](path, spec.input_names, device)
+def artifact_runner(
+    fmt: str, path: Path, spec: StepSpec, device: str = "cpu", session_config=None
+) -> Runner:
+    """The runtime's own backend for the artifact, opened as the runtime opens it, so the
+    gate checks what users run."""
+    runner = RUNTIME_RUNNERS[fmt](path, spec.input_names, device, None, session_config)
     return lambda feeds: runner.run({name: t.numpy() for name, t in feeds.items()})
 
 

@@ -176,7 +176,9 @@ def add_quantized(
                 on_artifact(f"{fmt} {precision}")
             path = tmp / QUANTIZED_FILENAMES[(fmt, precision)]
             coverage = _make_quantized(fmt, precision, tmp, path, model, options)
-            run = artifact_runner(fmt, path, spec, device="cuda" if precision == "fp16" else "cpu")
+            session_config = coverage.pop("session_config", None)
+            device = "cuda" if precision == "fp16" else "cpu"
+            run = artifact_runner(fmt, path, spec, device, session_config)
             report = gate_quantized(
                 spec, run, path.name, precision, options.gate(precision), windows
             )
@@ -188,6 +190,7 @@ def add_quantized(
                 bytes=path.stat().st_size,
                 opset=_opset(path) if fmt == "onnx" else None,
                 quantization=coverage,
+                session_config=session_config,
             )
             yield artifact, report
 

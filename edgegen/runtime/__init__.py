@@ -55,7 +55,9 @@ def open_artifact(
     _check_request(backend, device, threads, precision)
     artifact = manifest.artifact(backend, precision)
     input_names = [io["name"] for io in manifest.signature["inputs"]]
-    runner = RUNNERS[backend](manifest.path_of(artifact), input_names, device, threads)
+    runner = RUNNERS[backend](
+        manifest.path_of(artifact), input_names, device, threads, artifact.session_config
+    )
     return Generator(runner, manifest.signature, manifest.tokenizer, manifest.generation, backend)
 
 

@@ -24,7 +24,12 @@ def cuda_provider_available() -> bool:
 
 class OnnxRunner:
     def __init__(
-        self, path: Path, input_names: list[str], device: str = "cpu", threads: int | None = None
+        self,
+        path: Path,
+        input_names: list[str],
+        device: str = "cpu",
+        threads: int | None = None,
+        session_config: dict[str, str] | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -40,6 +45,8 @@ class OnnxRunner:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, value)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
@@ -52,7 +59,12 @@ class OnnxRunner:
 
 class TorchScriptRunner:
     def __init__(
-        self, path: Path, input_names: list[str], device: str = "cpu", threads: int | None = None
+        self,
+        path: Path,
+        input_names: list[str],
+        device: str = "cpu",
+        threads: int | None = None,
+        session_config: dict[str, str] | None = None,  # ONNX Runtime's; nothing here
     ) -> None:
         try:
             import torch

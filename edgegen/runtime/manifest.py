@@ -28,6 +28,9 @@ ARTIFACT_FORMATS = ("onnx", "torchscript")
 PRECISIONS = ("fp32", "int8", "int4", "fp16")
 DTYPES = ("int64", "float32")
 LAYOUTS = ("kv_cache", "recurrent")
+# ONNX Runtime session entries an artifact may ask for. disable_quant_qdq lets ORT fold
+# weight-only DequantizeLinear into float weights at load (no int8 RNN kernels exist).
+SESSION_CONFIG_KEYS = ("session.disable_quant_qdq",)
 
 _REQUIRED = {
     "format": str,
@@ -52,6 +55,7 @@ class Artifact:
     opset: int | None = None  # ONNX only
     quantization: dict[str, Any] | None = None  # method and coverage (quantized artifacts)
     external_data: dict[str, str] | None = None  # ONNX external-data file -> sha256
+    session_config: dict[str, str] | None = None  # ONNX Runtime entries to open it with
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if v is not None}
@@ -202,6 +206,15 @@ def _parse_artifact(data: Any) -> Artifact:
     if artifact.precision not in PRECISIONS:
         raise BundleError(f"artifact {artifact.path}: unknown precision {artifact.precision!r}")
     _check_sha256(artifact.sha256, artifact.path)
+    if artifact.session_config is not None and (
+        not isinstance(artifact.session_config, dict)
+        or not set(artifact.session_config) <= set(SESSION_CONFIG_KEYS)
+        or not all(isinstance(v, str) for v in artifact.session_config.values())
+    ):
+        raise BundleError(
+            f"artifact {artifact.path}: session_config may only set "
+            f"{', '.join(SESSION_CONFIG_KEYS)} (to strings)"
+        )
     if artifact.external_data is not None:
         if not isinstance(artifact.external_data, dict):
             raise BundleError(f"artifact {artifact.path}: external_data must be an object")
