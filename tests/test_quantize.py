@@ -96,10 +96,12 @@ def test_rnn_weights_stay_native_ops(quantized):
     assert all(name.endswith("_dq") for name in gru.input[1:3])
 
 
-def test_torchscript_int8_reports_what_it_kept(quantized):
+def test_torchscript_int8_reports_what_it_quantized(quantized):
     _, manifest = quantized["rnn"]
-    coverage = manifest.artifact("torchscript", "int8").quantization
-    assert coverage["kept_float32"] and "nn.RNN" in coverage["kept_float32"][0]["reason"]
+    artifact = manifest.artifact("torchscript", "int8")
+    coverage = artifact.quantization
+    assert "WeightOnlyInt8RNN" in coverage["quantized_modules"] and not coverage["kept_float32"]
+    assert artifact.bytes <= 0.3 * manifest.artifact("torchscript").bytes
     _, gru = quantized["gru"]
     assert "GRU" in gru.artifact("torchscript", "int8").quantization["quantized_modules"]
 

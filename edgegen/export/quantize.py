@@ -364,19 +364,56 @@ def quantize_torch_int8(model):
         quantized = torch.ao.quantization.quantize_dynamic(
             copy.deepcopy(model).eval(), qconfig, dtype=torch.qint8
         )
+    WeightOnlyInt8RNN = _weight_only_int8_rnn_class()
+    for name, module in list(quantized.named_modules()):
+        if type(module) is nn.RNN:  # torch has no dynamic int8 RNN (tanh) module
+            parent = quantized.get_submodule(name.rpartition(".")[0]) if "." in name else quantized
+            setattr(parent, name.rpartition(".")[2], WeightOnlyInt8RNN(module))
     done = sorted(
         {type(m).__name__ for m in quantized.modules() if "quantized" in type(m).__module__}
+        | {type(m).__name__ for m in quantized.modules() if isinstance(m, WeightOnlyInt8RNN)}
     )
-    kept = [
-        {"name": name, "reason": "nn.RNN (tanh) has no dynamic int8 kernel in torch"}
-        for name, m in model.named_modules()
-        if type(m) is nn.RNN
-    ]
     coverage = {
-        "method": "torch dynamic int8 (per-channel Linear, GRU, LSTM) + 8-bit per-row embedding",
+        "method": "torch dynamic int8 (per-channel Linear, GRU, LSTM) + 8-bit per-row "
+        "embedding and weight-only per-row int8 RNN (tanh) weights",
         "quantized_modules": done,
         "embedding": "int8" if "Embedding" in done else "float32",
         "head": "int8" if "Linear" in done else "float32",
-        "kept_float32": kept,
+        "kept_float32": [],
     }
     return quantized, coverage
+
+
+def _weight_only_int8_rnn_class():
+    import torch
+    from torch import nn
+
+    class WeightOnlyInt8RNN(nn.Module):
+        """nn.RNN with int8 weights (per-row scales), dequantized inside each call:
+        torch has no int8 kernel for it, so this buys size, not speed."""
+
+        def __init__(self, rnn: nn.RNN) -> None:
+            super().__init__()
+            self.num_layers, self.batch_first = rnn.num_layers, rnn.batch_first
+            self.relu = rnn.nonlinearity == "relu"
+            for layer in range(rnn.num_layers):
+                for kind in ("ih", "hh"):
+                    weight = getattr(rnn, f"weight_{kind}_l{layer}").detach()
+                    scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+                    q = torch.round(weight / scale).clamp(-127, 127).to(torch.int8)
+                    self.register_buffer(f"w_{kind}_{layer}", q)
+                    self.register_buffer(f"s_{kind}_{layer}", scale)
+                    bias = getattr(rnn, f"bias_{kind}_l{layer}").detach().clone()
+                    self.register_buffer(f"b_{kind}_{layer}", bias)
+
+        def forward(self, x, h0):
+            params = []
+            for layer in range(self.num_layers):
+                for kind in ("ih", "hh"):
+                    q = getattr(self, f"w_{kind}_{layer}")
+                    params.append(q.float() * getattr(self, f"s_{kind}_{layer}"))
+                params += [getattr(self, f"b_ih_{layer}"), getattr(self, f"b_hh_{layer}")]
+            run = torch.rnn_relu if self.relu else torch.rnn_tanh
+            return run(x, h0, params, True, self.num_layers, 0.0, False, False, self.batch_first)
+
+    return WeightOnlyInt8RNN
