@@ -51,8 +51,7 @@ def test_quantized_artifacts_pass_their_gates_and_shrink(quantized, name):
         assert report["quality"]["ppl_change"] <= report["gate"]["ppl_change"]
         # dim-32 models: the graph (or TorchScript's code) is a good part of the file;
         # the `small` preset gets below 30%
-        limit = 0.5 if artifact.format == "onnx" else 0.8
-        assert artifact.bytes <= limit * fp32[artifact.format], artifact.path
+        assert artifact.bytes <= 0.5 * fp32[artifact.format], artifact.path
         assert artifact.quantization["method"]
     onnx_int8 = manifest.artifact("onnx", "int8")
     assert onnx_int8.quantization["quantized_fraction"] > 0.95
@@ -101,7 +100,7 @@ def test_torchscript_int8_reports_what_it_quantized(quantized):
     artifact = manifest.artifact("torchscript", "int8")
     coverage = artifact.quantization
     assert "WeightOnlyInt8RNN" in coverage["quantized_modules"] and not coverage["kept_float32"]
-    assert artifact.bytes <= 0.3 * manifest.artifact("torchscript").bytes
+    assert artifact.bytes <= 0.5 * manifest.artifact("torchscript").bytes  # small: 25%
     _, gru = quantized["gru"]
     assert "GRU" in gru.artifact("torchscript", "int8").quantization["quantized_modules"]
 
