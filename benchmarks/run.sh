@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Benchmark the small and base presets of GPT and GRU end to end: train briefly
-# (latency does not depend on how well a model is trained), export, verify the
-# export, bench every backend, and write BENCHMARKS.md beside this script.
+# Benchmark the small and base presets end to end: train briefly (latency does not
+# depend on how well a model is trained), export with int8, bench every backend and
+# precision, then write BENCHMARKS.md beside this script with the decode targets.
 #
-#   make setup && bash benchmarks/run.sh            # about 15 minutes on 2 cores
+#   make setup && bash benchmarks/run.sh            # about 20 minutes on 2 cores
 #
 # Absolute numbers are machine-specific; the ratios between rows of one run are the point.
+# The int8 gates are opened here: a model trained for a few steps has near-uniform
+# next-token distributions, so top-1 agreement says nothing about its quantization.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EDGEGEN=${EDGEGEN:-.venv/bin/edgegen}
+PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-runs/benchmarks}
 mkdir -p "$OUT"
 RESULTS="$OUT/results.md"
@@ -19,15 +22,19 @@ run() {  # name, family args..., then train args after --
     local train_args=()
     while [ "$1" != "--" ]; do train_args+=("$1"); shift; done; shift
     "$EDGEGEN" train "${train_args[@]}" --out "$OUT/$name" --force --quiet "$@"
-    "$EDGEGEN" export "$OUT/$name" --out "$OUT/$name.bundle" --force
+    "$EDGEGEN" export "$OUT/$name" --out "$OUT/$name.bundle" --force --quantize int8 \
+        --gate int8.top1=0 --gate int8.ppl_change=1
     "$EDGEGEN" bench "$OUT/$name.bundle" --checkpoint "$OUT/$name" --threads 1 \
-        --prompt-len 32 --new-tokens 64 --warmup 2 --repeat 5 --long-tokens 1000 --quiet \
+        --precisions fp32,int8 --prompt-len 32 --new-tokens 64 --warmup 2 --repeat 5 \
+        --long-tokens 1000 --quiet \
         --json "$OUT/$name.json" --markdown "$OUT/$name.md" --plot "$OUT/$name.png"
     { echo "### $name"; echo; cat "$OUT/$name.md"; echo; } >> "$RESULTS"
 }
 
+run gpt-tiny --family gpt --preset tiny -- --steps 30 --batch-size 4 --seq-len 64
 run gpt-small --family gpt --preset small -- --steps 30 --batch-size 4 --seq-len 128
 run gru-small --family rnn --cell gru --preset small -- --steps 30 --batch-size 4 --bptt 32
+run lstm-small --family rnn --cell lstm --preset small -- --steps 30 --batch-size 4 --bptt 32
 run gpt-base --family gpt --preset base -- --steps 4 --batch-size 2 --seq-len 128
 run gru-base --family rnn --cell gru --preset base -- --steps 4 --batch-size 2 --bptt 32
 
@@ -40,8 +47,15 @@ run gru-base --family rnn --cell gru --preset base -- --steps 4 --batch-size 2 -
     echo "(prefill), decode latency per token (median, p90, p99), decode and prefill"
     echo "tokens/s, loop overhead per token outside the model call, peak resident memory of"
     echo "the row's process, artifact size, decode latency as a multiple of the"
-    echo "memory-bandwidth floor (weight bytes / measured read bandwidth), and decode"
-    echo "speed-up over eager PyTorch measured in the same run."
+    echo "memory-bandwidth floor (weight bytes / measured read bandwidth), decode latency"
+    echo "late in a long generation over early in it, and decode speed-up over eager"
+    echo "PyTorch measured in the same run."
+    echo
+    "$PYTHON" benchmarks/targets.py "$OUT"
+    echo
+    cat benchmarks/before.md
+    echo
+    echo "## Every row"
     echo
     cat "$RESULTS"
 } > benchmarks/BENCHMARKS.md

@@ -489,6 +489,11 @@ def verify_command(bundle, checkpoint, levels, tokens, eval_text, gates, json_ou
     show_default=True,
     help="Fresh `edgegen generate` processes timed for the cold start (0: none).",
 )
+@click.option(
+    "--sample",
+    is_flag=True,
+    help="Seeded top-k + top-p sampling instead of greedy (measures the sampler's overhead).",
+)
 @click.option("--json", "json_out", type=click.Path(), default=None)
 @click.option("--markdown", "markdown_out", type=click.Path(), default=None)
 @click.option(

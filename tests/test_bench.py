@@ -64,6 +64,15 @@ def test_protocol(trained_bundles, name):
     json.loads(json.dumps(report))
 
 
+def test_seeded_sampling_rows_draw_the_same_tokens(trained_bundles):
+    ckpt, bundle = trained_bundles["gru"]
+    sampled = run_bench(quick(bundle, ckpt, sample=True, new_tokens=24), progress=False)
+    greedy = run_bench(quick(bundle, ckpt, backends=("onnx",), new_tokens=24), progress=False)
+    assert sampled["same_tokens"] and len(sampled["rows"]) == 3
+    assert sampled["rows"][0]["tokens"] != greedy["rows"][0]["tokens"]
+    assert "seeded sampling (temperature 0.8" in bench_report.table(sampled)
+
+
 def test_without_checkpoint_there_is_no_baseline(trained_bundles):
     report = run_bench(quick(trained_bundles["gru"][1], backends=("onnx",)), progress=False)
     (row,) = report["rows"]

@@ -45,6 +45,7 @@ class BenchOptions:
     repeat: int = 5
     long_tokens: int = 1000  # the per-position run; fewer if the context ends first
     cold_repeat: int = 5  # fresh `edgegen generate` processes timed (ONNX fp32); 0: none
+    sample: bool = False  # seeded top-k + top-p sampling instead of greedy
 
     def validate(self) -> None:
         for name in ("batch", "prompt_len", "new_tokens", "repeat", "long_tokens"):

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edgegen.bench.worker import SAMPLING
+
 COLUMNS = (
     ("row", lambda r: f"{r['backend']} {r['precision']}"),
     ("load s", lambda r: f"{r['load_s']:.2f}"),
@@ -48,7 +50,8 @@ def _footer(report: dict[str, Any]) -> str:
         same += f" (quantized rows agree with fp32 on: {agree})"
     return (
         f"batch {o['batch']}, prompt {o['prompt_len']} tokens, {o['new_tokens']} new tokens, "
-        f"greedy, {o['warmup']} warm-up + {o['repeat']} timed runs, threads {o['threads']}; "
+        f"{_decoding(o)}, {o['warmup']} warm-up + {o['repeat']} timed runs, "
+        f"threads {o['threads']}; "
         f"every fp32 row produced {same}. Memory read bandwidth "
         f"{report['memory_read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
         "floor = weight bytes / bandwidth." + _growth_note(report) + _cold_note(report)
@@ -73,6 +76,12 @@ def _cold_note(report: dict[str, Any]) -> str:
         f" Cold start (a fresh `edgegen generate` process, ONNX fp32): first token after "
         f"{cold['first_token_s']:.2f} s, peak RSS {cold['peak_rss_bytes'] / 1e6:.0f} MB."
     )
+
+
+def _decoding(options: dict[str, Any]) -> str:
+    if not options.get("sample"):
+        return "greedy"
+    return "seeded sampling (" + ", ".join(f"{k} {v}" for k, v in SAMPLING.items()) + ")"
 
 
 def table(report: dict[str, Any]) -> str:

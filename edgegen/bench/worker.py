@@ -37,6 +37,9 @@ class TimedRunner:
         return out
 
 
+SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
+
+
 def bench_prompts(batch: int, prompt_len: int) -> list[str]:
     """`batch` prompts of `prompt_len` tokens with BOS (a byte tokenizer: one byte a token)."""
     text = PASSAGE * (prompt_len // len(PASSAGE) + 1)
@@ -66,6 +69,8 @@ def measure(row: dict[str, Any]) -> dict[str, Any]:
     timed = generator.runner = TimedRunner(generator.runner)
     prompts = bench_prompts(row["batch"], row["prompt_len"])
     params = dict(temperature=0, max_new_tokens=row["new_tokens"], ignore_eos=True)
+    if row["sample"]:  # seeded, so every row still draws the same tokens
+        params.update(SAMPLING, seed=0)
     for _ in range(row["warmup"]):
         generator.generate_batch(prompts, **params)
     runs = []
