@@ -32,6 +32,11 @@ run() {  # name, family args..., then train args after --
 }
 
 run gpt-tiny --family gpt --preset tiny -- --steps 30 --batch-size 4 --seq-len 64
+# the sampler's overhead: the same tiny bundle, seeded top-k + top-p
+"$EDGEGEN" bench "$OUT/gpt-tiny.bundle" --checkpoint "$OUT/gpt-tiny" --threads 1 --sample \
+    --backends onnx --prompt-len 32 --new-tokens 64 --warmup 2 --repeat 5 --long-tokens 64 \
+    --cold-repeat 0 --quiet --json "$OUT/gpt-tiny-sample.json" --markdown "$OUT/gpt-tiny-sample.md"
+{ echo "### gpt-tiny, sampling"; echo; cat "$OUT/gpt-tiny-sample.md"; echo; } >> "$RESULTS"
 run gpt-small --family gpt --preset small -- --steps 30 --batch-size 4 --seq-len 128
 run gru-small --family rnn --cell gru --preset small -- --steps 30 --batch-size 4 --bptt 32
 run lstm-small --family rnn --cell lstm --preset small -- --steps 30 --batch-size 4 --bptt 32
