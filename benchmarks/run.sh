@@ -15,9 +15,11 @@ PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-runs/benchmarks}
 mkdir -p "$OUT"
 RESULTS="$OUT/results.md"
-: > "$RESULTS"
+REPORT_ONLY=${REPORT_ONLY:-0}  # 1: rebuild BENCHMARKS.md from the last run's reports
+[ "$REPORT_ONLY" = 1 ] || : > "$RESULTS"
 
 run() {  # name, family args..., then train args after --
+    [ "$REPORT_ONLY" = 1 ] && return
     local name=$1; shift
     local train_args=()
     while [ "$1" != "--" ]; do train_args+=("$1"); shift; done; shift
@@ -33,10 +35,12 @@ run() {  # name, family args..., then train args after --
 
 run gpt-tiny --family gpt --preset tiny -- --steps 30 --batch-size 4 --seq-len 64
 # the sampler's overhead: the same tiny bundle, seeded top-k + top-p
-"$EDGEGEN" bench "$OUT/gpt-tiny.bundle" --checkpoint "$OUT/gpt-tiny" --threads 1 --sample \
+[ "$REPORT_ONLY" = 1 ] || "$EDGEGEN" bench "$OUT/gpt-tiny.bundle" --checkpoint "$OUT/gpt-tiny" --threads 1 --sample \
     --backends onnx --prompt-len 32 --new-tokens 64 --warmup 2 --repeat 5 --long-tokens 64 \
     --cold-repeat 0 --quiet --json "$OUT/gpt-tiny-sample.json" --markdown "$OUT/gpt-tiny-sample.md"
-{ echo "### gpt-tiny, sampling"; echo; cat "$OUT/gpt-tiny-sample.md"; echo; } >> "$RESULTS"
+[ "$REPORT_ONLY" = 1 ] || {
+    echo "### gpt-tiny, sampling"; echo; cat "$OUT/gpt-tiny-sample.md"; echo
+} >> "$RESULTS"
 run gpt-small --family gpt --preset small -- --steps 30 --batch-size 4 --seq-len 128
 run gru-small --family rnn --cell gru --preset small -- --steps 30 --batch-size 4 --bptt 32
 run lstm-small --family rnn --cell lstm --preset small -- --steps 30 --batch-size 4 --bptt 32
@@ -56,7 +60,12 @@ run gru-base --family rnn --cell gru --preset base -- --steps 4 --batch-size 2 -
     echo "late in a long generation over early in it, and decode speed-up over eager"
     echo "PyTorch measured in the same run."
     echo
+    echo "Reproduce: \`make setup && bash benchmarks/run.sh\` (each target's row is in \"Every"
+    echo "row\" below, with the command line options in the footer of its table)."
+    echo
     "$PYTHON" benchmarks/targets.py "$OUT"
+    echo
+    cat benchmarks/limits.md
     echo
     cat benchmarks/before.md
     echo
