@@ -44,7 +44,7 @@ CASES = [
     ("generate {gru} --prompt-file {latin1}", "not UTF-8"),
     # prompts and sampling values
     ("generate {gru} --prompt ''", "the prompt is empty"),
-    ("generate {gpt} --prompt-file {long}", "exceeds the model's context of 128 tokens"),
+    ("generate {gpt} --prompt-file {long}", "prompt (201 tokens) does not fit the model's context"),
     ("generate {gpt} --prompt a --max-new-tokens 500", "exceeds the model's context"),
     ("generate {gru} --prompt a --top-p 2", "top_p must be in (0, 1]"),
     ("generate {gru} --prompt a --top-k 0", "top_k must be an integer >= 1"),

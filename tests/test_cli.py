@@ -95,7 +95,7 @@ def test_sample_default_length_fits_the_context(tmp_path, text_file):
     result = run("sample", out, "--prompt", "x" * 120, "--temperature", 0)
     assert result.exit_code == 0, result.output
     result = run("sample", out, "--prompt", "x" * 200)
-    assert result.exit_code == 1 and "exceeds the model's context" in result.stderr
+    assert result.exit_code == 1 and "does not fit the model's context" in result.stderr
 
 
 def test_damaged_checkpoint(tmp_path, text_file):

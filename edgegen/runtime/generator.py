@@ -105,6 +105,11 @@ class Run:
             room = max(0, generator.context - longest)
             defaults["max_new_tokens"] = min(defaults["max_new_tokens"], room)
         self.params = params = SamplingParams.build(defaults, sampling)
+        if generator.context is not None and longest >= generator.context:
+            raise GenerationError(
+                f"the prompt ({longest} tokens) does not fit the model's context of "
+                f"{generator.context} tokens with room to generate"
+            )
         if generator.context is not None and longest + params.max_new_tokens > generator.context:
             raise GenerationError(
                 f"prompt ({longest} tokens) plus max_new_tokens ({params.max_new_tokens}) "
