@@ -377,9 +377,10 @@ def export_command(
 @click.argument("bundle", type=click.Path())
 @click.option(
     "--checkpoint",
-    required=True,
+    default=None,
     type=click.Path(),
-    help="The checkpoint exported: quality is measured against it in eager PyTorch.",
+    help="The checkpoint exported: quality is measured against it in eager PyTorch "
+    "[default: the weights of the bundle's fp32 TorchScript artifact].",
 )
 @click.option(
     "--precision", "precisions", required=True, help="int8, int4, fp16 (comma-separated)."

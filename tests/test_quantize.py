@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 import edgegen.runtime
 from edgegen.cli import main
-from edgegen.errors import BackendError, ExportError, ParityError
+from edgegen.errors import BackendError, BundleError, ExportError, ParityError
 from edgegen.export import FORMATS, QuantizeOptions, export_bundle, quantize_bundle
 from edgegen.export.quantize import SUPPORTED
 from edgegen.verify import verify_bundle
@@ -175,6 +175,34 @@ def test_quantize_adds_to_an_existing_bundle(trained_bundles, tmp_path):
     assert set(data["parity"]["artifacts"]) == {a.path for a in again.artifacts}
 
 
+@pytest.mark.parametrize("name", ["gpt-rope", "rnn"])
+def test_quantize_without_the_checkpoint_uses_the_traced_weights(trained_bundles, tmp_path, name):
+    """The fp32 TorchScript artifact carries the exported weights: quantizing from it
+    gives the same quality figures as quantizing from the checkpoint."""
+    ckpt, bundle = trained_bundles[name]
+    for copy, checkpoint in (("with", ckpt), ("without", None)):
+        shutil.copytree(bundle, tmp_path / copy)
+        quantize_bundle(tmp_path / copy, checkpoint, QuantizeOptions(precisions=("int8",)))
+    reports = [
+        json.loads((tmp_path / c / "manifest.json").read_text())["parity"]["artifacts"]
+        for c in ("with", "without")
+    ]
+    for path in ("model.int8.onnx", "model.int8.ts"):
+        assert reports[0][path]["quality"] == reports[1][path]["quality"]
+    shutil.rmtree(tmp_path / "without")
+    shutil.copytree(bundle, tmp_path / "without")
+    (tmp_path / "without" / "model.ts").write_bytes(b"")  # the hash check comes first
+    with pytest.raises(BundleError, match="does not match its manifest hash"):
+        quantize_bundle(tmp_path / "without", None, QuantizeOptions(precisions=("int8",)))
+
+
+def test_quantize_without_a_checkpoint_needs_torchscript(trained_bundles, tmp_path):
+    ckpt, _ = trained_bundles["gru"]
+    export_bundle(ckpt, tmp_path / "b", formats=["onnx"])
+    with pytest.raises(ExportError, match="pass --checkpoint"):
+        quantize_bundle(tmp_path / "b", None, QuantizeOptions(precisions=("int8",)))
+
+
 def test_quantize_errors(trained_bundles, tmp_path):
     ckpt, bundle = trained_bundles["gru"]
     with pytest.raises(ExportError, match="configs differ"):
@@ -209,20 +237,11 @@ def test_cli_quantize(trained_bundles, tmp_path):
     result = runner.invoke(main, ["export", str(ckpt), "--out", str(out), "--quantize", "int8"])
     assert result.exit_code == 0, result.output
     assert "model.int8.onnx" in result.stdout and "of fp32" in result.stdout
-    result = runner.invoke(
-        main,
-        [
-            "quantize",
-            str(out),
-            "--checkpoint",
-            str(ckpt),
-            "--precision",
-            "int4",
-            "--gate",
-            "int4.ppl_change=0.1",
-        ],
+    result = runner.invoke(  # no checkpoint: the weights come from model.ts
+        main, ["quantize", str(out), "--precision", "int4", "--gate", "int4.ppl_change=0.1"]
     )
-    assert result.exit_code == 0, result.output and "model.int4.onnx" in result.stdout
+    assert result.exit_code == 0, result.output
+    assert "model.int4.onnx" in result.stdout
     bad = runner.invoke(
         main,
         [

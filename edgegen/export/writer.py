@@ -19,7 +19,7 @@ import torch
 import edgegen
 from edgegen.checkpoint import load_checkpoint
 from edgegen.config import GPTConfig, config_to_dict
-from edgegen.errors import ExportError, ParityError
+from edgegen.errors import BundleError, ExportError, ParityError
 from edgegen.export.onnx import DEFAULT_OPSET, export_onnx
 from edgegen.export.parity import (
     QUALITY_GATES,
@@ -42,7 +42,7 @@ from edgegen.export.quantize import (
 )
 from edgegen.export.quantize import FILENAMES as QUANTIZED_FILENAMES
 from edgegen.export.spec import step_spec
-from edgegen.export.torchscript import export_torchscript
+from edgegen.export.torchscript import export_torchscript, model_from_torchscript
 from edgegen.files import sha256_file, write_atomically, write_json
 from edgegen.runtime.backends import cuda_provider_available
 from edgegen.runtime.generator import default_generation_config
@@ -197,15 +197,22 @@ def add_quantized(
 
 def quantize_bundle(
     bundle: str | Path,
-    checkpoint: str | Path,
+    checkpoint: str | Path | None,
     options: QuantizeOptions,
     on_artifact: Callable[[str], None] | None = None,
 ) -> Manifest:
     """Add quantized artifacts to an existing bundle (replacing any of the same format
-    and precision), gated on quality against the checkpoint in eager PyTorch. The
-    bundle is rebuilt beside itself and swapped in only when every gate passed."""
+    and precision), gated on quality against the model in eager PyTorch. The bundle is
+    rebuilt beside itself and swapped in only when every gate passed.
+
+    Without `checkpoint`, the eager model is rebuilt from the bundle's fp32 TorchScript
+    artifact, whose weights are the exported ones (it passed the parity gate)."""
     manifest = read_manifest(bundle)
-    model, tokenizer = load_checkpoint(checkpoint)
+    if checkpoint is None:
+        model = model_from_torchscript(manifest.path_of(_traced(manifest)), manifest.config)
+        tokenizer = manifest.tokenizer
+    else:
+        model, tokenizer = load_checkpoint(checkpoint)
     if model.config != manifest.config:
         raise ExportError(
             f"checkpoint {checkpoint} is not the model in bundle {bundle} (configs differ)"
@@ -250,6 +257,16 @@ def _make_quantized(fmt, precision, tmp: Path, path: Path, model, options) -> di
     quantized, coverage = quantize_torch_int8(model)
     export_torchscript(step_spec(quantized), path)
     return coverage
+
+
+def _traced(manifest: Manifest):
+    try:
+        return manifest.artifact("torchscript", "fp32")
+    except BundleError:
+        raise ExportError(
+            f"bundle {manifest.directory} has no fp32 TorchScript artifact to recover the "
+            "weights from: pass --checkpoint"
+        ) from None
 
 
 def gate_quantized(spec, run, name: str, precision: str, gate, windows) -> dict[str, Any]:
