@@ -480,6 +480,13 @@ def verify_command(bundle, checkpoint, levels, tokens, eval_text, gates, json_ou
     show_default=True,
     help="Length of the per-position run (capped by the context).",
 )
+@click.option(
+    "--long-repeat",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Long runs; per-position latency is their median.",
+)
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("--warmup", type=int, default=2, show_default=True)
 @click.option("--repeat", type=int, default=5, show_default=True)

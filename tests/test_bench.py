@@ -29,7 +29,9 @@ ROW_KEYS = {
 
 
 def quick(bundle, ckpt=None, **kw):
-    base = dict(new_tokens=8, prompt_len=8, warmup=1, repeat=2, long_tokens=20, cold_repeat=0)
+    base = dict(
+        new_tokens=8, prompt_len=8, warmup=1, repeat=2, long_tokens=20, cold_repeat=0, long_repeat=2
+    )
     return BenchOptions(bundle=str(bundle), checkpoint=ckpt and str(ckpt), **{**base, **kw})
 
 
@@ -137,6 +139,8 @@ def test_cold_start_and_context_growth(trained_bundles):
     assert growth["ratio"] > 0
     text = bench_report.table(report)
     assert "Cold start" in text and "late/early" in text
+    with pytest.raises(BenchError, match="long_repeat must be positive"):
+        run_bench(quick(trained_bundles["gpt"][1], long_repeat=0), progress=False)
     with pytest.raises(BenchError, match="cold_repeat"):
         run_bench(quick(trained_bundles["gpt"][1], cold_repeat=-1), progress=False)
 

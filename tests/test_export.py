@@ -97,7 +97,7 @@ def test_torchscript_loads_without_edgegen(tmp_path, checkpoints, name):
         "ids = torch.tensor([[256, 72, 105]]); "
         + (
             "out = m(ids, torch.arange(3)[None], torch.ones(1, 3, dtype=torch.long), "
-            "*[torch.zeros(0, 1, 4, 8)] * 4)"
+            "*[torch.zeros(1, 4, 0, 8)] * 4)"
             if name.startswith("gpt")
             else "out = m(ids, torch.zeros(2, 1, 48), torch.zeros(2, 1, 48))"
         )
@@ -114,7 +114,7 @@ def test_manifest_records_the_contract(tmp_path, checkpoints):
     assert data["tokenizer"]["spec"]["type"] == "byte"
     sig = data["signature"]
     assert sig["state"][0] == {"input": "past_key_values.0.key", "output": "new_key_values.0.key"}
-    assert sig["layout"]["kv_axes"] == ["seq", "batch", "heads", "head_dim"]
+    assert sig["layout"]["kv_axes"] == ["batch", "heads", "seq", "head_dim"]
     assert {a["format"]: a.get("opset") for a in data["artifacts"]} == {
         "onnx": 18,
         "torchscript": None,
@@ -212,3 +212,28 @@ def test_small_presets_export(tmp_path, family, cell):
     manifest = export_bundle(ckpt, tmp_path / "b")
     reports = manifest.data["parity"]["artifacts"]
     assert all(r["passed"] and r["max_abs_diff"] <= 1e-4 for r in reports.values())
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
+def test_gpt_step_ignores_masked_cache_slots(pos_encoding):
+    """The runtime passes its whole cache buffer; slots the mask marks empty (here
+    filled with garbage) must not change any output."""
+    torch.manual_seed(0)
+    model = build_model(preset("gpt", "tiny", dim=32, n_heads=4, pos_encoding=pos_encoding))
+    spec = step_spec(model)
+    feeds = spec.example(batch=3, seq=2, past=5)  # slots 5 and 6 are garbage, masked
+    names = spec.input_names
+    trimmed = dict(feeds)
+    trimmed["attention_mask"] = torch.cat(
+        [feeds["attention_mask"][:, :5], feeds["attention_mask"][:, 7:]], dim=1
+    )
+    for name in names[3:]:
+        trimmed[name] = feeds[name][:, :, :5]
+    louder = {**feeds, **{n: feeds[n].clone() for n in names[3:]}}
+    for name in names[3:]:
+        louder[name][:, :, 5:] = 1e4
+    with torch.no_grad():
+        want = spec.module(*trimmed.values())
+        for variant in (feeds, louder):
+            for got, expected in zip(spec.module(*variant.values()), want, strict=True):
+                torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -99,7 +99,7 @@ class StaleCacheDecoder(Decoder):
     def decode_one_token(self, tokens):
         logits = super().decode_one_token(tokens)
         for buffer in self.state:
-            buffer[self.length - 1] = 0
+            buffer[:, :, self.length - 1] = 0
         return logits
 
 

@@ -3,10 +3,11 @@
 Protocol: each row (backend x precision) runs in its own process: load, `warmup`
 generations, then `repeat` timed ones, all greedy over the same prompts, so every
 row does the same work (the report says whether they produced the same tokens).
-The first token (prefill) is timed apart from the decode steps. One long
-generation gives decode latency per position. Ratios are computed between rows
-of the same run. The machine's memory read bandwidth is measured in the same run:
-the floor of a decode step is the bytes of weights it reads over that bandwidth.
+The first token (prefill) is timed apart from the decode steps. Long generations
+(`long_repeat`, their median per position) give decode latency per position.
+Ratios are computed between rows of the same run. The machine's memory read
+bandwidth is measured in the same run: the floor of a decode step is the bytes of
+weights it reads over that bandwidth.
 """
 
 from __future__ import annotations
@@ -44,11 +45,12 @@ class BenchOptions:
     warmup: int = 2
     repeat: int = 5
     long_tokens: int = 1000  # the per-position run; fewer if the context ends first
+    long_repeat: int = 3  # per-position latency is the median over this many long runs
     cold_repeat: int = 5  # fresh `edgegen generate` processes timed (ONNX fp32); 0: none
     sample: bool = False  # seeded top-k + top-p sampling instead of greedy
 
     def validate(self) -> None:
-        for name in ("batch", "prompt_len", "new_tokens", "repeat", "long_tokens"):
+        for name in ("batch", "prompt_len", "new_tokens", "repeat", "long_tokens", "long_repeat"):
             if getattr(self, name) < 1:
                 raise BenchError(f"{name} must be positive, got {getattr(self, name)}")
         if self.cold_repeat < 0:

@@ -3,16 +3,17 @@ dims, state pairs, and how to make inputs for it. Export, parity and the manifes
 all read this; the model code knows nothing of it.
 
     GPT  input_ids[batch,seq] position_ids[batch,seq] attention_mask[batch,total]
-         past_key_values.{i}.key|value[past,batch,heads,head_dim]
-      -> logits[batch,seq,vocab] new_key_values.{i}.key|value[seq,batch,heads,head_dim]
+         past_key_values.{i}.key|value[batch,heads,past,head_dim]
+      -> logits[batch,seq,vocab] new_key_values.{i}.key|value[batch,heads,seq,head_dim]
     RNN  input_ids[batch,seq] state.h[layers,batch,hidden] (state.c for LSTM)
       -> logits[batch,seq,vocab] state_out.h (state_out.c)
 
 `total` is past + seq. An RNN's state outputs replace its state inputs. A GPT step
-returns only the keys and values of its new tokens, and the runtime appends them
-to a cache it owns: the cache is sequence-major, so its first `past` slots are one
-contiguous block that ONNX Runtime reads in place. Nothing copies the cache per
-token, so decode latency stays flat as the context grows.
+returns only the keys and values of its new tokens, and the runtime writes them
+into a preallocated cache it owns and passes back whole: `past` counts cache
+slots, and `attention_mask` marks which of them hold real tokens (an empty or
+padding slot is 0). Nothing copies the cache per token, and each head's keys are
+contiguous, so attention reads them in place.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ from edgegen.models.gpt import apply_rotary, attention_bias
 
 
 class GPTStep(nn.Module):
-    """GPT with positional step inputs (input_ids, position_ids, attention_mask, *past)
-    and a sequence-major cache: each past [past, B, nh, hs] in, each new [T, B, nh, hs] out.
+    """GPT with positional step inputs (input_ids, position_ids, attention_mask, *past):
+    each past [B, nh, slots, hs] in (masked slots ignored), each new [B, nh, T, hs] out.
 
     Attention over the past and over the new tokens are two matmuls under one softmax,
-    so the past is only read (ONNX Runtime folds its transpose into the matmul):
+    so the past is only read, never concatenated:
 
         scores = [ q.K_past^T | q.K_new^T ] / sqrt(hs) + mask  ->  softmax  ->  p_past | p_new
         out    = p_past.V_past + p_new.V_new
@@ -46,7 +47,7 @@ class GPTStep(nn.Module):
 
     def forward(self, input_ids, position_ids, attention_mask, *past_key_values):
         model = self.model
-        past_len = past_key_values[0].shape[0]
+        past_len = past_key_values[0].shape[2]
         bias = attention_bias(input_ids.shape[1], past_len, attention_mask, input_ids.device)
         x = model.tok_emb(input_ids)  # (B, T, dim)
         if model.pos_emb is not None:
@@ -79,18 +80,18 @@ class GPTStep(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         scale = 1.0 / math.sqrt(hs)
         scores = torch.cat(
-            [q @ past_k.permute(1, 2, 3, 0), q @ k.transpose(-1, -2)], dim=-1
+            [q @ past_k.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1
         )  # (B, nh, T, past+T)
         scores = (scores * scale).masked_fill(~bias, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        past_len = past_k.shape[0]
-        y = probs[..., :past_len] @ past_v.permute(1, 2, 0, 3) + probs[..., past_len:] @ v
+        past_len = past_k.shape[2]
+        y = probs[..., :past_len] @ past_v + probs[..., past_len:] @ v
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, dim)
-        return attn.proj(y), k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)  # new: (T, B, nh, hs)
+        return attn.proj(y), k, v  # new: (B, nh, T, hs)
 
     def init_state(self, batch: int) -> tuple[torch.Tensor, ...]:
         cfg = self.model.config
-        empty = torch.zeros(0, batch, cfg.n_heads, cfg.head_dim)
+        empty = torch.zeros(batch, cfg.n_heads, 0, cfg.head_dim)
         return tuple(empty.clone() for _ in self.model.state_names)
 
 
@@ -165,7 +166,7 @@ class StepSpec:
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, 256, (batch, past + seq), generator=gen)
         if self.is_gpt:
-            return self._gpt_example(ids, past)
+            return self._gpt_example(ids, past, gen)
         model = self.module.model
         state = model.init_state(batch)
         if past:
@@ -173,7 +174,7 @@ class StepSpec:
                 _, *state = model(ids[:, :past].contiguous(), *state)
         return dict(zip(self.input_names, (ids[:, past:].contiguous(), *state), strict=True))
 
-    def _gpt_example(self, ids: torch.Tensor, past: int) -> dict[str, torch.Tensor]:
+    def _gpt_example(self, ids: torch.Tensor, past: int, gen) -> dict[str, torch.Tensor]:
         batch, total = ids.shape
         mask = torch.ones(batch, total, dtype=torch.int64)
         for row in range(1, batch):
@@ -188,7 +189,11 @@ class StepSpec:
                     position_ids=positions[:, :past].contiguous(),
                     attention_mask=mask[:, :past].contiguous(),
                 )
-        state = [s.permute(2, 0, 1, 3).contiguous() for s in state]  # (past, B, nh, hs)
+            # two unused cache slots with garbage in them: the mask must hide them
+            garbage = [torch.randn((*s.shape[:2], 2, s.shape[3]), generator=gen) for s in state]
+            state = [torch.cat([s, g], dim=2) for s, g in zip(state, garbage, strict=True)]
+            empty = torch.zeros(batch, 2, dtype=torch.int64)
+            mask = torch.cat([mask[:, :past], empty, mask[:, past:]], dim=1)
         values = (ids[:, past:].contiguous(), positions[:, past:].contiguous(), mask, *state)
         return dict(zip(self.input_names, values, strict=True))
 
@@ -225,7 +230,7 @@ class StepSpec:
         if not self.is_gpt:
             return dict(zip(self.input_names, (next_ids[:, None], *state), strict=True))
         past = [feeds[name] for name in self.input_names[-self.n_state :]]
-        state = [torch.cat([p, new], dim=0) for p, new in zip(past, state, strict=True)]
+        state = [torch.cat([p, new], dim=2) for p, new in zip(past, state, strict=True)]
         mask = torch.cat([feeds["attention_mask"], torch.ones_like(next_ids)[:, None]], dim=1)
         positions = feeds["position_ids"][:, -1:] + 1
         values = (next_ids[:, None], positions, mask, *state)
@@ -246,8 +251,8 @@ def step_spec(model: GPT | RNNLM) -> StepSpec:
     logits = {"name": "logits", "dtype": "float32", "shape": ["batch", "seq", cfg.vocab_size]}
     ids = {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}
     if isinstance(cfg, GPTConfig):
-        kv = ["past", "batch", cfg.n_heads, cfg.head_dim]
-        new = ["seq", "batch", cfg.n_heads, cfg.head_dim]
+        kv = ["batch", cfg.n_heads, "past", cfg.head_dim]
+        new = ["batch", cfg.n_heads, "seq", cfg.head_dim]
         layers = [(i, part) for i in range(cfg.n_layers) for part in ("key", "value")]
         inputs = [
             ids,
@@ -261,12 +266,12 @@ def step_spec(model: GPT | RNNLM) -> StepSpec:
         ]
         layout = {
             "kind": "kv_cache",
-            "update": "append",  # new keys/values go after the past; the runtime owns the cache
-            "kv_axes": ["seq", "batch", "heads", "head_dim"],
+            "update": "append",  # new keys/values go into free slots; the runtime owns the cache
+            "kv_axes": ["batch", "heads", "seq", "head_dim"],
             "n_layers": cfg.n_layers,
             "n_heads": cfg.n_heads,
             "head_dim": cfg.head_dim,
-            "seq_axis": 0,
+            "seq_axis": 2,
             "max_seq_len": cfg.max_seq_len,
         }
         return StepSpec(GPTStep(model).eval(), inputs, outputs, len(layers), layout)

@@ -6,10 +6,11 @@ signature order). The Decoder owns the run state between steps: the model state
 positions. It never knows which backend it drives.
 
 KV cache: the step returns only the new tokens' keys and values; the Decoder
-writes them into preallocated sequence-major buffers [capacity, batch, heads,
-head_dim] and feeds `buffer[:length]` back, a contiguous view that the backend
-reads in place. Per token nothing is copied but the new slots; a full buffer
-doubles (amortised, rare).
+writes them into preallocated buffers [batch, heads, capacity, head_dim] and
+feeds each buffer back whole, with the attention mask marking the filled slots,
+so the backend reads it in place. Per token nothing is copied but the new slots.
+A full buffer doubles (amortised, rare), so attention reads at most twice the
+slots in use; in exchange every head's keys stay contiguous.
 
 Ragged batches: GPT prompts are left-padded, masked and positioned so that every
 row computes what it would alone. An RNN cannot skip padding, so each RNN prompt
@@ -39,7 +40,8 @@ class Decoder:
         self.kv_cache = signature["layout"]["kind"] == "kv_cache"
         self.state: list[np.ndarray] = []  # recurrent state, or the KV buffers
         self.length = 0  # KV slots filled
-        self.mask = np.zeros((0, 0), dtype=np.int64)  # KV: [batch, capacity]
+        self.axis = self.inputs[self.state_inputs[0]]["shape"].index("past") if self.kv_cache else 0
+        self.mask = np.zeros((0, 1), dtype=np.int64)  # KV: [batch, capacity + 1], last column 1
         self.positions: np.ndarray | None = None
         self._ids = np.zeros((0, 1), dtype=np.int64)
 
@@ -65,11 +67,10 @@ class Decoder:
             outputs = self._run(ids, self.state)
             self.state = outputs[1:]
             return outputs[0][:, -1]
-        if self.length == self.state[0].shape[0]:
+        if self.length == self.state[0].shape[self.axis]:
             self._reserve(self.length + 1)
-        self.mask[:, self.length] = 1
         self.positions += 1
-        return self._step_kv(ids, self.positions)
+        return self._step_kv(ids, self.positions, self.state, self.mask, self._ones)
 
     def initial_state(self, batch: int) -> list[np.ndarray]:
         state = []
@@ -82,45 +83,54 @@ class Decoder:
     def _prefill_padded(self, prompts: list[list[int]]) -> np.ndarray:
         batch, width = len(prompts), max(len(p) for p in prompts)
         ids = np.full((batch, width), self.pad_id, dtype=np.int64)
-        self.state, self.length = self.initial_state(batch), 0
-        self.mask = np.zeros((batch, 0), dtype=np.int64)
-        self._ids = np.zeros((batch, 1), dtype=np.int64)
-        self._reserve(width)
+        mask = np.zeros((batch, width), dtype=np.int64)
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt) :] = prompt
-            self.mask[row, width - len(prompt) : width] = 1
-        positions = np.maximum(self.mask[:, :width].cumsum(axis=1) - 1, 0)  # padding starts at 0
+            mask[row, width - len(prompt) :] = 1
+        empty = self.initial_state(batch)
+        self.state, self.length = empty, 0
+        self.mask = np.ones((batch, 1), dtype=np.int64)
+        self._ids = np.zeros((batch, 1), dtype=np.int64)
+        self._ones = np.ones((batch, 1), dtype=np.int64)
+        self._reserve(width)
+        positions = np.maximum(mask.cumsum(axis=1) - 1, 0)  # a padded row starts at 0
         self.positions = positions[:, -1:].copy()
-        return self._step_kv(ids, positions)
+        return self._step_kv(ids, positions, empty, mask, mask)
 
-    def _step_kv(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _step_kv(self, ids, positions, past, mask, real) -> np.ndarray:
+        """One step over `past` (whole buffers, or empty ones at prefill); the new
+        tokens' keys and values go to the next slots, marked by `real` [B, T]."""
         start, end = self.length, self.length + ids.shape[1]
-        mask = self.mask[:, :end]  # contiguous for one row; a batch copies B x end ints
         feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
-        for name, buffer in zip(self.state_inputs, self.state, strict=True):
-            feeds[name] = buffer[:start]
+        feeds.update(zip(self.state_inputs, past, strict=True))
         outputs = self.runner.run(feeds)
+        slots = (slice(None),) * self.axis + (slice(start, end),)
         for buffer, new in zip(self.state, outputs[1:], strict=True):
-            buffer[start:end] = new
+            buffer[slots] = new
+        self.mask[:, start:end] = real
         self.length = end
         return outputs[0][:, -1]
 
     def _reserve(self, needed: int) -> None:
         """Grow the KV buffers and the mask (doubling) to hold `needed` slots."""
-        capacity = self.state[0].shape[0]
+        axis, capacity = self.axis, self.state[0].shape[self.axis]
         if needed <= capacity:
             return
         capacity = max(_MIN_CAPACITY, capacity)
         while capacity < needed:
             capacity *= 2
+        filled = (slice(None),) * axis + (slice(0, self.length),)
         grown = []
         for buffer in self.state:
-            bigger = np.zeros((capacity, *buffer.shape[1:]), dtype=buffer.dtype)
-            bigger[: self.length] = buffer[: self.length]
+            shape = list(buffer.shape)
+            shape[axis] = capacity
+            bigger = np.zeros(shape, dtype=buffer.dtype)  # empty slots hold zeros, masked
+            bigger[filled] = buffer[filled]
             grown.append(bigger)
         self.state = grown
-        mask = np.zeros((self.mask.shape[0], capacity), dtype=np.int64)
+        mask = np.zeros((self.mask.shape[0], capacity + 1), dtype=np.int64)
         mask[:, : self.length] = self.mask[:, : self.length]
+        mask[:, capacity] = 1  # the column of the token being decoded
         self.mask = mask
 
     def _run(self, ids: np.ndarray, state: list[np.ndarray]) -> list[np.ndarray]:
