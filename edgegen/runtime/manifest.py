@@ -23,7 +23,7 @@ from edgegen.tokenizer import Tokenizer, tokenizer_from_dict
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_NAME = "edgegen-bundle"
-FORMAT_VERSION = 2  # 2: a GPT step returns only new keys/values (sequence-major cache)
+FORMAT_VERSION = 2  # 2: a GPT step returns only new keys/values; the runtime owns the cache
 ARTIFACT_FORMATS = ("onnx", "torchscript")
 PRECISIONS = ("fp32", "int8", "int4", "fp16")
 DTYPES = ("int64", "float32")
