@@ -65,19 +65,19 @@ def quantize_onnx(
             raise ExportError(f"ONNX has no {precision} quantization; choose from {choices}")
     quantized = onnx.load(str(dst))
     coverage = {"method": method, **onnx_coverage(quantized)}
-    if _dequantizes_recurrent_weights(quantized):
-        # ORT has no integer GRU/LSTM/RNN kernel: without folding, every step would
-        # dequantize every weight (3.7x slower than fp32 for int8 on a small GRU)
+    if _folds_at_load(quantized):
         coverage["session_config"] = {"session.disable_quant_qdq": "1"}
     return coverage
 
 
-def _dequantizes_recurrent_weights(model: onnx.ModelProto) -> bool:
-    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return any(
-        n.op_type in ("GRU", "LSTM", "RNN") and dequantized & set(n.input[1:3])
-        for n in model.graph.node
-    )
+def _folds_at_load(model: onnx.ModelProto) -> bool:
+    """Whether ONNX Runtime should fold the graph's weight-only DequantizeLinear into
+    float weights at load. ORT has no integer GRU/LSTM/RNN kernel, so unfolded, every
+    step dequantizes every RNN weight (3.7x slower than fp32 for int8 on a small GRU);
+    a GPT int8 graph dequantizes its whole embedding table per step (folded: 4-6% faster,
+    identical logits). With MatMulNBits (int4 GPT) folding was measured slower."""
+    ops = {n.op_type for n in model.graph.node}
+    return "DequantizeLinear" in ops and "MatMulNBits" not in ops
 
 
 def _onnx_int8(src: Path, dst: Path) -> str:
