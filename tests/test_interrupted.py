@@ -66,28 +66,7 @@ def test_a_kill_between_the_renames_is_recovered(tmp_path, monkeypatch, text_fil
 
 def test_sigkill_at_any_moment_leaves_a_resumable_checkpoint(tmp_path, text_file):
     out = tmp_path / "ckpt"
-    command = [
-        sys.executable,
-        "-m",
-        "edgegen",
-        "train",
-        "--data",
-        str(text_file),
-        "--out",
-        str(out),
-        "--steps",
-        "100000",
-        "--save-interval",
-        "1",
-        "--eval-interval",
-        "1000",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--quiet",
-        *TINY,
-    ]
+    command = [*_train_command(text_file, out, save_interval=1), "--quiet"]
     last = 0
     for round, delay in enumerate([0.0, 0.013, 0.031, 0.057]):
         process = subprocess.Popen(
@@ -115,9 +94,7 @@ def test_sigkill_at_any_moment_leaves_a_resumable_checkpoint(tmp_path, text_file
 
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path, text_file):
     out = tmp_path / "ckpt"
-    command = [sys.executable, "-m", "edgegen", "train", "--data", str(text_file)]
-    command += ["--out", str(out), "--steps", "100000", "--save-interval", "5"]
-    command += ["--eval-interval", "1000", "--batch-size", "2", "--seq-len", "16", *TINY]
+    command = _train_command(text_file, out, save_interval=5)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(out, 5, process)
     process.send_signal(signal.SIGINT)
@@ -127,6 +104,13 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path, text_file):
     assert "resumable with --resume" in stdout
     step = json.loads((out / STATE_FILE).read_text())["step"]
     assert step >= 5 and f"step {step}," in stdout
+
+
+def _train_command(text_file, out, save_interval: int) -> list[str]:
+    """`edgegen train` in a process of its own, tiny and endless until it is stopped."""
+    command = [sys.executable, "-m", "edgegen", "train", "--data", str(text_file)]
+    command += ["--out", str(out), "--steps", "100000", "--save-interval", str(save_interval)]
+    return [*command, "--eval-interval", "1000", "--batch-size", "2", "--seq-len", "16", *TINY]
 
 
 def _options(text_file, out, steps):

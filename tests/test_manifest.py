@@ -107,6 +107,12 @@ def test_symlink_out_of_the_bundle_is_rejected(copy, tmp_path):
 # --- ONNX external data ------------------------------------------------------------
 
 
+def rehash_model(bundle_dir):
+    """Record model.onnx's new hash in the manifest, as a careless editor would."""
+    sha256 = sha256_file(bundle_dir / "model.onnx")
+    edit(bundle_dir, lambda d: d["artifacts"][0].update(sha256=sha256))
+
+
 def to_external(bundle_dir, location="weights.bin"):
     """Move model.onnx's weights into `location` and return its path."""
     import onnx
@@ -119,10 +125,7 @@ def to_external(bundle_dir, location="weights.bin"):
         location=location,
         size_threshold=0,
     )
-    edit(
-        bundle_dir,
-        lambda d: d["artifacts"][0].update(sha256=sha256_file(bundle_dir / "model.onnx")),
-    )
+    rehash_model(bundle_dir)
     return bundle_dir / location
 
 
@@ -136,10 +139,7 @@ def point_weights_at(bundle_dir, location):
             if entry.key == "location":
                 entry.value = location
     (bundle_dir / "model.onnx").write_bytes(model.SerializeToString())
-    edit(
-        bundle_dir,
-        lambda d: d["artifacts"][0].update(sha256=sha256_file(bundle_dir / "model.onnx")),
-    )
+    rehash_model(bundle_dir)
 
 
 def test_external_data_must_be_hashed_in_the_manifest(copy, bundle):

@@ -40,8 +40,8 @@ def load(
     threads: int | None = None,
 ) -> Generator:
     """A Generator over one artifact of a bundle, after validating the manifest and hashes."""
-    _check_request(backend, device, threads, precision)
-    return open_artifact(read_manifest(bundle_dir), backend, precision, device, threads)
+    _check_request(backend, device, threads, precision)  # before any file is read
+    return _open(read_manifest(bundle_dir), backend, precision, device, threads)
 
 
 def open_artifact(
@@ -53,6 +53,10 @@ def open_artifact(
 ) -> Generator:
     """A Generator over one artifact of an already validated manifest."""
     _check_request(backend, device, threads, precision)
+    return _open(manifest, backend, precision, device, threads)
+
+
+def _open(manifest: Manifest, backend, precision, device, threads) -> Generator:
     artifact = manifest.artifact(backend, precision)
     input_names = [io["name"] for io in manifest.signature["inputs"]]
     runner = RUNNERS[backend](

@@ -158,7 +158,7 @@ def verify_artifact(manifest: Manifest, artifact: Artifact) -> Path:
         raise BundleError(f"bundle {manifest.directory} is missing {artifact.path}")
     _check_hash(path, artifact.path, artifact.sha256)
     if artifact.format == "onnx":
-        _check_external_data(manifest, artifact)
+        _check_external_data(manifest, artifact, path)
     return path
 
 
@@ -171,10 +171,9 @@ def _check_hash(path: Path, name: str, expected: str) -> None:
         )
 
 
-def _check_external_data(manifest: Manifest, artifact: Artifact) -> None:
-    """Every file an ONNX model reads its weights from must sit inside the bundle and
-    be hashed in the manifest, like the model itself."""
-    path = manifest.path_of(artifact)
+def _check_external_data(manifest: Manifest, artifact: Artifact, path: Path) -> None:
+    """Every file the ONNX model at `path` reads its weights from must sit inside the
+    bundle and be hashed in the manifest, like the model itself."""
     listed = artifact.external_data or {}
     for location in sorted(external_data_locations(path)):
         where = f"{artifact.path} keeps weights in {location!r}"
