@@ -24,7 +24,9 @@ demo: setup
 	$(BIN)/edgegen train --family rnn --cell gru --preset tiny --steps $(DEMO_STEPS) --out $(RUNS)/gru-tiny --force
 	# a tiny GPT: flat distributions flip top-1 on near-ties and int4 costs it more; its gates are lowered explicitly
 	$(BIN)/edgegen export $(RUNS)/gpt-tiny --out $(RUNS)/gpt-tiny.bundle --force --quantize int8,int4 --gate int8.top1=0.9 --gate int4.ppl_change=0.12
-	$(BIN)/edgegen export $(RUNS)/gru-tiny --out $(RUNS)/gru-tiny.bundle --force --quantize int8,int4
+	$(BIN)/edgegen export $(RUNS)/gru-tiny --out $(RUNS)/gru-tiny.bundle --force
+	# quantize an existing bundle: without --checkpoint the weights come from its TorchScript artifact
+	$(BIN)/edgegen quantize $(RUNS)/gru-tiny.bundle --precision int8,int4
 	$(BIN)/edgegen verify $(RUNS)/gpt-tiny.bundle --checkpoint $(RUNS)/gpt-tiny --gate int8.top1=0.9 --gate int4.ppl_change=0.12
 	$(BIN)/edgegen verify $(RUNS)/gru-tiny.bundle --checkpoint $(RUNS)/gru-tiny
 	$(BIN)/edgegen generate $(RUNS)/gpt-tiny.bundle --prompt "Return the " --prompt "This module provides" --seed 0
