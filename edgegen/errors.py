@@ -57,3 +57,7 @@ class VerifyError(EdgegenError):
 
 class BenchError(EdgegenError):
     """A benchmark request is invalid or a row failed to run."""
+
+
+class ImportModelError(EdgegenError):
+    """A foreign model cannot be read or mapped."""
