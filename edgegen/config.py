@@ -40,7 +40,7 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         _require_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "max_seq_len")
-        _require_positive(self, "mlp_ratio")
+        _require_positive(self, "mlp_ratio", "norm_eps", "rope_theta")
         if self.dim % self.n_heads:
             raise ConfigError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
         if self.pos_encoding not in POS_ENCODINGS:
@@ -171,7 +171,7 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
 
 def _require_positive(config: Any, *names: str) -> None:
     for name in names:
-        if getattr(config, name) <= 0:
+        if not getattr(config, name) > 0:  # NaN fails too
             raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
 
 

@@ -27,6 +27,14 @@ class CheckpointError(EdgegenError):
     """A checkpoint directory is missing, incomplete or inconsistent."""
 
 
+class OutputError(EdgegenError):
+    """An output path may not be written: it exists, holds something else, or is in use."""
+
+
+class TrainingError(EdgegenError):
+    """A training run cannot go on (e.g. its loss stopped being finite)."""
+
+
 class SamplingError(EdgegenError, ValueError):
     """A sampling parameter is out of range."""
 

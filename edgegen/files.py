@@ -12,7 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgegen.errors import CheckpointError
+from edgegen.output import writer_lock
+
 PARKED = "previous"  # where a replaced directory waits until its successor is in place
+SEAL_FILE = "checkpoint.json"  # a checkpoint's hashes of its own files
+SEAL_FORMAT = "edgegen-checkpoint"
 
 
 def write_atomically(target: Path, fill: Callable[[Path], None]) -> None:
@@ -25,9 +30,13 @@ def write_atomically(target: Path, fill: Callable[[Path], None]) -> None:
     the next write or read of `target` calls it.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted(target)
-    _remove_leftovers(target, "tmp")
+    with writer_lock(target):  # so the leftovers removed here belong to dead writers
+        recover_interrupted(target)
+        remove_leftovers(target, "tmp")
+        _replace_with(target, fill)
+
+
+def _replace_with(target: Path, fill: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         fill(tmp)
@@ -63,10 +72,10 @@ def recover_interrupted(target: Path) -> None:
             except OSError:  # read-only location: leave it for a writer to recover
                 return
     if target.exists():
-        _remove_leftovers(target, "old")
+        remove_leftovers(target, "old")
 
 
-def _remove_leftovers(target: Path, kind: str) -> None:
+def remove_leftovers(target: Path, kind: str) -> None:
     for path in target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"):
         shutil.rmtree(path, ignore_errors=True)
 
@@ -77,6 +86,43 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def seal(directory: Path) -> None:
+    """Write SEAL_FILE: the sha256 of every other file in `directory`, checked on load."""
+    directory = Path(directory)
+    files = {
+        p.name: sha256_file(p)
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != SEAL_FILE
+    }
+    write_json(directory / SEAL_FILE, {"format": SEAL_FORMAT, "version": 1, "files": files})
+
+
+def check_seal(directory: Path, names: tuple[str, ...] | list[str]) -> None:
+    """Raise CheckpointError unless each of `names` matches the hash sealed for it."""
+    directory = Path(directory)
+    try:
+        sealed = json.loads((directory / SEAL_FILE).read_text())["files"]
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"checkpoint {directory} has no {SEAL_FILE} (the hashes of its files); "
+            "it was not written by this edgegen"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError):
+        sealed = None
+    if not isinstance(sealed, dict):
+        raise CheckpointError(f"checkpoint {directory}: {SEAL_FILE} is damaged")
+    for name in names:
+        if name not in sealed:
+            raise CheckpointError(f"checkpoint {directory}: {SEAL_FILE} does not list {name}")
+        if not (directory / name).is_file():
+            raise CheckpointError(f"checkpoint {directory} is missing {name}")
+        if sha256_file(directory / name) != sealed[name]:
+            raise CheckpointError(
+                f"checkpoint {directory}: {name} does not match its recorded sha256 "
+                "(the file is damaged or was changed)"
+            )
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -26,12 +26,13 @@ from safetensors.torch import load_file, load_model, save_file
 
 import edgegen
 from edgegen.batches import DocumentBatches, WindowBatches, eval_windows, tokenize_documents
-from edgegen.checkpoint import CONFIG_FILE, WEIGHTS_FILE, write_model_files
+from edgegen.checkpoint import REQUIRED_FILES, WEIGHTS_FILE, write_model_files
 from edgegen.config import GPTConfig, ModelConfig, preset
 from edgegen.corpus import Corpus, load_corpus
-from edgegen.errors import CheckpointError, ConfigError
-from edgegen.files import recover_interrupted, write_atomically, write_json
+from edgegen.errors import CheckpointError, ConfigError, TrainingError
+from edgegen.files import check_seal, seal, write_atomically, write_json
 from edgegen.models import build_model, count_parameters
+from edgegen.output import claim_output, try_recover
 from edgegen.progress import ProgressLine
 from edgegen.tokenizer import ByteTokenizer, Tokenizer
 
@@ -39,6 +40,7 @@ STATE_FILE = "train_state.json"
 STATE_TENSORS_FILE = "train_state.safetensors"
 LOG_FILE = "train_log.json"
 TRAIN_STATE_VERSION = 1
+MAX_LR = 10.0  # far above any useful rate; larger ones only overflow
 DEFAULT_LR = {"tiny": 3e-3, "small": 2e-3, "base": 6e-4}  # smaller models take larger steps
 
 
@@ -73,8 +75,16 @@ class TrainOptions:
             raise ConfigError(f"seq_len must be positive, got {self.seq_len}")
         if self.save_interval is not None and self.save_interval <= 0:
             raise ConfigError(f"save_interval must be positive, got {self.save_interval}")
-        if (self.lr is not None and not self.lr > 0) or not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError("lr must be positive and min_lr_ratio in [0, 1]")
+        if self.lr is not None and not 0 < self.lr <= MAX_LR:
+            raise ConfigError(f"lr must be in (0, {MAX_LR:g}], got {self.lr:g}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio:g}")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1e6:
+                raise ConfigError(f"{name} must be in [0, 1e6], got {value:g}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -108,20 +118,25 @@ def train(
     """Train (or resume) a model and write its checkpoint to `options.out`.
 
     On resume the saved options are used; only `steps` (the new total), `device`
-    and the evaluation/save intervals come from `options`. `on_step(step, loss)`
+    and the evaluation/save intervals come from `options`, and any other option set
+    to a value that differs from the saved run is refused. `on_step(step, loss)`
     returning True stops the run after saving a checkpoint, as Ctrl-C does.
     """
     out = Path(options.out)
-    recover_interrupted(out)
+    inputs = [options.data] if options.data else []
+    if resume and not (out / STATE_FILE).is_file() and not out.is_symlink():
+        try_recover(out)
+        if not (out / STATE_FILE).is_file():
+            raise CheckpointError(f"nothing to resume: no training checkpoint in {out}")
+    with claim_output(out, "checkpoint", inputs=inputs, force=force, existing=resume):
+        return _train_claimed(options, resume, progress, on_step)
+
+
+def _train_claimed(options: TrainOptions, resume: bool, progress: bool, on_step) -> TrainResult:
+    out = Path(options.out)
     saved = _read_train_state(out) if resume else None
     if saved is not None:
-        keep = ("steps", "device", "eval_interval", "save_interval", "out")
-        options = dataclasses.replace(saved["options"], **{k: getattr(options, k) for k in keep})
-    elif (out / CONFIG_FILE).exists() and not force:
-        raise CheckpointError(
-            f"a checkpoint already exists in {out}; pass --resume to continue it "
-            "or --force to replace it"
-        )
+        options = _resumed_options(saved["options"], options)
     options.validate()
     config = options.model_config()
     device = resolve_device(options.device)
@@ -138,6 +153,26 @@ def train(
     if saved is not None:
         run.restore(out, saved)
     return run.loop(progress, on_step)
+
+
+RESUME_KEEPS = ("steps", "device", "eval_interval", "save_interval", "out")
+
+
+def _resumed_options(saved: TrainOptions, asked: TrainOptions) -> TrainOptions:
+    """The saved run's options, with the few a resume may change taken from `asked`.
+    Any other option set away from its default to a value the run did not use is an
+    error: silently training on something else than asked would be worse."""
+    default = TrainOptions()
+    for f in dataclasses.fields(TrainOptions):
+        if f.name in RESUME_KEEPS:
+            continue
+        value = getattr(asked, f.name)
+        if value != getattr(default, f.name) and value != getattr(saved, f.name):
+            raise ConfigError(
+                f"--resume continues the saved run, which has {f.name}={getattr(saved, f.name)!r}; "
+                f"{f.name}={value!r} cannot change (start a new run with --force instead)"
+            )
+    return dataclasses.replace(saved, **{k: getattr(asked, k) for k in RESUME_KEEPS})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -217,10 +252,13 @@ class Run:
             loss, n_tokens = self.task.loss(self.model, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.options.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.options.grad_clip)
+        value = loss.item()
+        if not (math.isfinite(value) and math.isfinite(norm.item())):
+            what = "loss" if not math.isfinite(value) else "gradient norm"
+            self.diverged(f"{what} {value if what == 'loss' else norm.item()}")
         self.optimizer.step()
         self.step += 1
-        value = loss.item()
         tokens_per_s = n_tokens / (time.perf_counter() - start)
         entry = {"step": self.step, "loss": value, "lr": lr, "tokens_per_s": tokens_per_s}
         self.log["train"].append(entry)
@@ -232,7 +270,22 @@ class Run:
         with _autocast(self.device):
             nll, n_targets, n_bytes = self.task.evaluate(self.model)
         bpb = nll / math.log(2) / max(1, n_bytes)
+        if not math.isfinite(bpb):
+            self.diverged(f"validation loss {nll / n_targets}")
         self.log["val"].append({"step": self.step, "loss": nll / n_targets, "bpb": bpb})
+
+    def diverged(self, what: str) -> None:
+        """Stop without saving: the last checkpoint on disk is the last finite one."""
+        out = Path(self.options.out)
+        kept = (
+            f"{out} keeps its last finite checkpoint"
+            if (out / STATE_FILE).is_file()
+            else "nothing was written"
+        )
+        raise TrainingError(
+            f"training diverged at step {self.step + 1}: {what}; the learning rate "
+            f"({self.options.peak_lr:g}) is likely too high. {kept}"
+        )
 
     def describe(self, loss: float, tokens_per_s: float) -> str:
         val = self.log["val"][-1]
@@ -242,6 +295,8 @@ class Run:
         )
 
     def save(self) -> None:
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            self.diverged("the weights are no longer finite")
         tensors = {f"carry.{i}": t.contiguous() for i, t in enumerate(self.task.carry)}
         tensors["rng.cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
@@ -263,6 +318,7 @@ class Run:
             save_file(tensors, str(tmp / STATE_TENSORS_FILE))
             write_json(tmp / STATE_FILE, meta)
             write_json(tmp / LOG_FILE, self.log)
+            seal(tmp)
 
         write_atomically(Path(self.options.out), fill)
 
@@ -375,12 +431,16 @@ def _read_train_state(directory: Path) -> dict[str, Any]:
     path = directory / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"nothing to resume: no training checkpoint in {directory}")
+    check_seal(directory, (*REQUIRED_FILES, STATE_FILE, STATE_TENSORS_FILE, LOG_FILE))
     try:
         meta = json.loads(path.read_text())
         version = meta["version"]
         options = TrainOptions(**meta["options"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"cannot read training state {path}: {e}") from None
+    step = meta.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{path}: step must be an integer >= 0, got {step!r}")
     if version > TRAIN_STATE_VERSION:
         raise CheckpointError(
             f"{path} has training state version {version}; this edgegen reads up to "

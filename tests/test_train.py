@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 
 from edgegen.checkpoint import load_checkpoint
-from edgegen.errors import CheckpointError, ConfigError, CorpusError
+from edgegen.errors import CheckpointError, ConfigError, CorpusError, OutputError
 from edgegen.train import TrainOptions, lr_at, train
 
 FAMILIES = [("gpt", "gru"), ("rnn", "gru"), ("rnn", "lstm"), ("rnn", "rnn")]
@@ -46,6 +46,7 @@ def test_checkpoint_is_complete_and_loads(tmp_path, text_file, family, cell):
     train(opts, progress=False)
     names = {p.name for p in (tmp_path / f"{family}-{cell}").iterdir()}
     assert names == {
+        "checkpoint.json",
         "config.json",
         "model.safetensors",
         "tokenizer.json",
@@ -98,7 +99,7 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path, text_file):
     opts = options(tmp_path, text_file, steps=3)
     train(opts, progress=False)
     before = (tmp_path / "gpt-gru" / "model.safetensors").read_bytes()
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):
         train(opts, progress=False)
     assert (tmp_path / "gpt-gru" / "model.safetensors").read_bytes() == before
     train(opts, progress=False, force=True)

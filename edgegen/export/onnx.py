@@ -22,14 +22,17 @@ from edgegen.export.spec import StepSpec
 from edgegen.quiet import quiet
 
 MIN_OPSET = 18  # the dynamo-based exporter emits opset 18 and newer
+MAX_OPSET = 23  # the newest the legacy (RNN) exporter writes; newer ones fail mid-export
 DEFAULT_OPSET = 18
 
 
+def check_opset(opset: int) -> None:
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}")
+
+
 def export_onnx(spec: StepSpec, path: Path, opset: int = DEFAULT_OPSET) -> None:
-    if opset < MIN_OPSET:
-        raise ExportError(
-            f"opset {opset} is too old: the exporter needs opset {MIN_OPSET} or newer"
-        )
+    check_opset(opset)
     example = tuple(spec.example(batch=3, seq=7, past=5).values())
     if spec.is_gpt:
         how = dict(dynamo=True, dynamic_shapes=spec.dynamic_shapes(), external_data=False)
