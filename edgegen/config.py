@@ -17,24 +17,37 @@ BYTE_VOCAB_SIZE = 259  # 256 bytes + BOS, EOS, PAD (see tokenizer.py)
 
 RNN_CELLS = ("rnn", "gru", "lstm")
 POS_ENCODINGS = ("learned", "rope")
+MLP_KINDS = ("plain", "gated")
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
+NORMS = ("layernorm", "rmsnorm")
 
 
 @dataclass
 class GPTConfig:
-    """A decoder-only Transformer with pre-norm blocks and a KV cache."""
+    """A decoder-only Transformer with a KV cache. The defaults are edgegen's own trained
+    GPT; the other choices describe imported ones (GPT-2: learned positions, biases,
+    tanh GELU; Llama: RMSNorm, rotary positions, a gated SiLU MLP, grouped-query heads)."""
 
     vocab_size: int = BYTE_VOCAB_SIZE
     dim: int = 64  # model width
     n_layers: int = 2
-    n_heads: int = 4  # dim must divide by n_heads
+    n_heads: int = 4  # query heads; dim must divide by n_heads
+    n_kv_heads: int | None = None  # key/value heads (grouped-query); None = n_heads
     max_seq_len: int = 128  # context length: positions 0 .. max_seq_len-1
-    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * dim
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * dim, unless hidden_dim is set
+    hidden_dim: int | None = None  # MLP hidden width, when it is not a multiple of dim
+    mlp: str = "plain"  # "plain": down(act(up x)); "gated": down(act(gate x) * up x)
+    activation: str = "gelu"  # "gelu" (exact), "gelu_tanh", "silu" or "relu"
+    norm: str = "layernorm"  # "layernorm" (with bias) or "rmsnorm"
+    bias: bool = False  # biases in the attention and MLP projections
     pos_encoding: str = "learned"  # "learned" table or "rope" (rotary)
     rope_theta: float = 10000.0
     tie_embeddings: bool = True  # output head shares the token embedding
     dropout: float = 0.0
     norm_eps: float = 1e-5
     head_dim: int = dataclasses.field(init=False)  # derived: dim // n_heads
+    kv_heads: int = dataclasses.field(init=False)  # derived: n_kv_heads or n_heads
+    mlp_dim: int = dataclasses.field(init=False)  # derived: hidden_dim or mlp_ratio * dim
 
     family = "gpt"
 
@@ -43,11 +56,22 @@ class GPTConfig:
         _require_positive(self, "mlp_ratio", "norm_eps", "rope_theta")
         if self.dim % self.n_heads:
             raise ConfigError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
-        if self.pos_encoding not in POS_ENCODINGS:
-            raise ConfigError(
-                f"pos_encoding must be one of {', '.join(POS_ENCODINGS)}, got {self.pos_encoding!r}"
-            )
+        for name, choices in (
+            ("pos_encoding", POS_ENCODINGS),
+            ("mlp", MLP_KINDS),
+            ("activation", ACTIVATIONS),
+            ("norm", NORMS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ConfigError(
+                    f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
+                )
         self.head_dim = self.dim // self.n_heads
+        self.kv_heads = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        if not 0 < self.kv_heads <= self.n_heads or self.n_heads % self.kv_heads:
+            raise ConfigError(f"n_kv_heads ({self.kv_heads}) must divide n_heads ({self.n_heads})")
+        self.mlp_dim = self.mlp_ratio * self.dim if self.hidden_dim is None else self.hidden_dim
+        _require_positive(self, "mlp_dim")
         if self.pos_encoding == "rope" and self.head_dim % 2:
             raise ConfigError(f"rope needs an even head_dim, got {self.head_dim}")
         _require_dropout(self.dropout)
@@ -161,7 +185,12 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _check_type(name: str, value: Any, annotation: Any) -> None:
-    expected = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(str(annotation))
+    annotation = str(annotation)
+    if annotation.endswith(" | None"):
+        if value is None:
+            return
+        annotation = annotation.removesuffix(" | None")
+    expected = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(annotation)
     if expected is None:
         return
     wrong_bool = isinstance(value, bool) and annotation != "bool"

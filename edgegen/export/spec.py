@@ -3,8 +3,8 @@ dims, state pairs, and how to make inputs for it. Export, parity and the manifes
 all read this; the model code knows nothing of it.
 
     GPT  input_ids[batch,seq] position_ids[batch,seq] attention_mask[batch,total]
-         past_key_values.{i}.key|value[batch,heads,past,head_dim]
-      -> logits[batch,seq,vocab] new_key_values.{i}.key|value[batch,heads,seq,head_dim]
+         past_key_values.{i}.key|value[batch,kv_heads,past,head_dim]
+      -> logits[batch,seq,vocab] new_key_values.{i}.key|value[batch,kv_heads,seq,head_dim]
     RNN  input_ids[batch,seq] state.h[layers,batch,hidden] (state.c for LSTM)
       -> logits[batch,seq,vocab] state_out.h (state_out.c)
 
@@ -18,7 +18,6 @@ contiguous, so attention reads them in place.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,72 +26,26 @@ from torch import nn
 
 from edgegen.config import GPTConfig
 from edgegen.models import GPT, RNNLM
-from edgegen.models.gpt import apply_rotary, attention_bias
+from edgegen.models.gpt import attention_bias
 
 
 class GPTStep(nn.Module):
     """GPT with positional step inputs (input_ids, position_ids, attention_mask, *past):
-    each past [B, nh, slots, hs] in (masked slots ignored), each new [B, nh, T, hs] out.
-
-    Attention over the past and over the new tokens are two matmuls under one softmax,
-    so the past is only read, never concatenated:
-
-        scores = [ q.K_past^T | q.K_new^T ] / sqrt(hs) + mask  ->  softmax  ->  p_past | p_new
-        out    = p_past.V_past + p_new.V_new
-    """
+    each past [B, kv_heads, slots, hs] in (masked slots ignored), each new
+    [B, kv_heads, T, hs] out. The attention is the model's own (`models.gpt.attend`),
+    which reads the past in place."""
 
     def __init__(self, model: GPT) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, input_ids, position_ids, attention_mask, *past_key_values):
-        model = self.model
         past_len = past_key_values[0].shape[2]
         bias = attention_bias(input_ids.shape[1], past_len, attention_mask, input_ids.device)
-        x = model.tok_emb(input_ids)  # (B, T, dim)
-        if model.pos_emb is not None:
-            x = x + model.pos_emb(position_ids)
-        rope = model.rope(position_ids) if model.rope is not None else None
-        new = []
-        for i, block in enumerate(model.blocks):
-            a, k, v = self._attend(
-                block.attn,
-                block.norm1(x),
-                past_key_values[2 * i],
-                past_key_values[2 * i + 1],
-                bias,
-                rope,
-            )
-            x = x + a
-            x = x + block.mlp(block.norm2(x))
-            new += [k, v]
-        return (model.head(model.norm(x)), *new)
-
-    @staticmethod
-    def _attend(attn, x, past_k, past_v, bias, rope):
-        B, T, C = x.shape
-        nh, hs = attn.n_heads, attn.head_dim
-        q, k, v = attn.qkv(x).split(C, dim=2)
-        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, nh, hs).transpose(1, 2)
-        v = v.view(B, T, nh, hs).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        scale = 1.0 / math.sqrt(hs)
-        scores = torch.cat(
-            [q @ past_k.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1
-        )  # (B, nh, T, past+T)
-        scores = (scores * scale).masked_fill(~bias, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        past_len = past_k.shape[2]
-        y = probs[..., :past_len] @ past_v + probs[..., past_len:] @ v
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, dim)
-        return attn.proj(y), k, v  # new: (B, nh, T, hs)
+        return self.model.step(input_ids, position_ids, bias, *past_key_values)
 
     def init_state(self, batch: int) -> tuple[torch.Tensor, ...]:
-        cfg = self.model.config
-        empty = torch.zeros(batch, cfg.n_heads, 0, cfg.head_dim)
-        return tuple(empty.clone() for _ in self.model.state_names)
+        return self.model.init_state(batch)
 
 
 class RNNStep(nn.Module):
@@ -251,8 +204,8 @@ def step_spec(model: GPT | RNNLM) -> StepSpec:
     logits = {"name": "logits", "dtype": "float32", "shape": ["batch", "seq", cfg.vocab_size]}
     ids = {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}
     if isinstance(cfg, GPTConfig):
-        kv = ["batch", cfg.n_heads, "past", cfg.head_dim]
-        new = ["batch", cfg.n_heads, "seq", cfg.head_dim]
+        kv = ["batch", cfg.kv_heads, "past", cfg.head_dim]
+        new = ["batch", cfg.kv_heads, "seq", cfg.head_dim]
         layers = [(i, part) for i in range(cfg.n_layers) for part in ("key", "value")]
         inputs = [
             ids,
@@ -270,6 +223,7 @@ def step_spec(model: GPT | RNNLM) -> StepSpec:
             "kv_axes": ["batch", "heads", "seq", "head_dim"],
             "n_layers": cfg.n_layers,
             "n_heads": cfg.n_heads,
+            "n_kv_heads": cfg.kv_heads,  # heads in the cache (fewer with grouped-query attention)
             "head_dim": cfg.head_dim,
             "seq_axis": 2,
             "max_seq_len": cfg.max_seq_len,

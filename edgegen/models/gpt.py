@@ -1,9 +1,11 @@
-"""Decoder-only Transformer (pre-norm, causal self-attention with a KV cache, MLP).
+"""Decoder-only Transformer (pre-norm, causal self-attention with a KV cache, MLP),
+configured rather than copied: edgegen's own GPT, GPT-2 and Llama are one model.
 
-State is the KV cache as a flat tuple `(k0, v0, k1, v1, ...)`, each [B, n_heads,
-past, head_dim]. A step appends the new keys and values and returns the grown
+State is the KV cache as a flat tuple `(k0, v0, k1, v1, ...)`, each [B, kv_heads,
+past, head_dim]. `forward` appends the new keys and values and returns the grown
 cache, so prefill (T > 1, empty cache), decode (T = 1) and one full forward are
-the same function. Left-padded batches pass `attention_mask` [B, past+T] (1 for
+the same function; `step` returns only the new keys and values (the export's
+contract) and is what `forward` runs. Left-padded batches pass `attention_mask` [B, past+T] (1 for
 a real token, 0 for padding) and, optionally, `position_ids` [B, T].
 """
 
@@ -33,7 +35,7 @@ class GPT(nn.Module):
         )
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.norm = make_norm(config)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.tok_emb.weight
@@ -49,7 +51,7 @@ class GPT(nn.Module):
     def init_state(self, batch_size: int, device: torch.device | None = None):
         cfg = self.config
         device = device or next((p.device for p in self.parameters()), torch.device("cpu"))
-        empty = torch.zeros(batch_size, cfg.n_heads, 0, cfg.head_dim, device=device)
+        empty = torch.zeros(batch_size, cfg.kv_heads, 0, cfg.head_dim, device=device)
         return tuple(empty.clone() for _ in self.state_names)
 
     def forward(
@@ -59,38 +61,43 @@ class GPT(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ):
-        """input_ids [B,T] -> (logits [B,T,V], *present_key_values)."""
+        """input_ids [B,T] -> (logits [B,T,V], *present_key_values): the grown cache."""
         B, T = input_ids.shape
         if not past_key_values:
             past_key_values = self.init_state(B, input_ids.device)
         past_len = past_key_values[0].shape[2]
         if position_ids is None:
             position_ids = default_position_ids(B, T, past_len, attention_mask, input_ids.device)
-        mask = attention_bias(T, past_len, attention_mask, input_ids.device)
+        bias = attention_bias(T, past_len, attention_mask, input_ids.device)
+        logits, *new = self.step(input_ids, position_ids, bias, *past_key_values)
+        present = [torch.cat([p, n], dim=2) for p, n in zip(past_key_values, new, strict=True)]
+        return (logits, *present)
 
+    def step(self, input_ids, position_ids, bias, *past_key_values):
+        """The step every path runs (training, eager, export, parity): logits and the new
+        tokens' keys and values [B, kv_heads, T, head_dim]; the past is only read."""
         x = self.tok_emb(input_ids)  # (B, T, dim)
         if self.pos_emb is not None:
             x = x + self.pos_emb(position_ids)
         rope = self.rope(position_ids) if self.rope is not None else None
         x = self.drop(x)
-        present = []
+        new = []
         for i, block in enumerate(self.blocks):
-            x, k, v = block(x, past_key_values[2 * i], past_key_values[2 * i + 1], mask, rope)
-            present += [k, v]
-        logits = self.head(self.norm(x))  # (B, T, V)
-        return (logits, *present)
+            x, k, v = block(x, past_key_values[2 * i], past_key_values[2 * i + 1], bias, rope)
+            new += [k, v]
+        return (self.head(self.norm(x)), *new)
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.norm1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.norm2 = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.norm2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, past_k, past_v, mask, rope):
-        a, k, v = self.attn(self.norm1(x), past_k, past_v, mask, rope)
+    def forward(self, x, past_k, past_v, bias, rope):
+        a, k, v = self.attn(self.norm1(x), past_k, past_v, bias, rope)
         x = x + a
         x = x + self.mlp(self.norm2(x))
         return x, k, v
@@ -99,43 +106,96 @@ class Block(nn.Module):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.n_heads, self.head_dim = config.n_heads, config.head_dim
-        self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
-        self.proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.n_heads, self.kv_heads, self.head_dim = (
+            config.n_heads,
+            config.kv_heads,
+            config.head_dim,
+        )
+        kv_dim = config.kv_heads * config.head_dim
+        self.sizes = [config.dim, kv_dim, kv_dim]  # q, k, v: one matmul for all three
+        self.qkv = nn.Linear(config.dim, sum(self.sizes), bias=config.bias)
+        self.proj = nn.Linear(config.dim, config.dim, bias=config.bias)
         self.dropout = config.dropout
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, past_k, past_v, mask, rope):
+    def forward(self, x, past_k, past_v, bias, rope):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = self.qkv(x).split(self.sizes, dim=2)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kvh, T, hs)
+        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        k = torch.cat([past_k, k], dim=2)  # (B, nh, past+T, hs)
-        v = torch.cat([past_v, v], dim=2)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and T > 1,
-        )
+        dropout = self.dropout if self.training else 0.0
+        y = attend(q, k, v, past_k, past_v, bias, dropout)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, dim)
         return self.resid_drop(self.proj(y)), k, v
 
 
+def attend(q, k, v, past_k, past_v, bias, dropout: float = 0.0) -> torch.Tensor:
+    """Attention of q [B, nh, T, hs] over the cached keys/values [B, kvh, S, hs] and the
+    new ones [B, kvh, T, hs]; `bias` is None (plain causal) or bool [B|1, 1, T, S+T].
+
+    With a past, the cache is read in place: two matmuls under one softmax, no concat.
+    Grouped-query heads stack the nh // kvh queries that share a key/value head along
+    T, so each cached head is read once:
+
+        q (B, kvh, g*T, hs) . [ K_past | K_new ]^T / sqrt(hs) + mask -> softmax -> p_past | p_new
+        out = p_past . V_past + p_new . V_new                              (B, kvh, g*T, hs)
+
+    Without a past (training, a full forward) it is the same math over the new tokens,
+    left to SDPA's fused kernel.
+    """
+    B, nh, T, hs = q.shape
+    kvh, past_len = k.shape[1], past_k.shape[2]
+    group = nh // kvh
+    if past_len == 0:
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        causal = bias is None and T > 1
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=causal
+        )
+    q = q.reshape(B, kvh, group * T, hs)
+    scores = torch.cat([q @ past_k.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1)
+    scores = scores * (1.0 / math.sqrt(hs))  # (B, kvh, g*T, S+T)
+    if bias is not None:
+        scores = scores.view(B, kvh, group, T, -1).masked_fill(~bias[:, :, None], float("-inf"))
+        scores = scores.view(B, kvh, group * T, -1)
+    probs = torch.softmax(scores, dim=-1)
+    y = probs[..., :past_len] @ past_v + probs[..., past_len:] @ v
+    return y.view(B, nh, T, hs)
+
+
 class MLP(nn.Module):
+    """plain: proj(act(fc x)); gated (SwiGLU and kin): proj(act(gate x) * fc x)."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(config.dim, config.mlp_ratio * config.dim, bias=False)
-        self.proj = nn.Linear(config.mlp_ratio * config.dim, config.dim, bias=False)
+        dim, hidden, bias = config.dim, config.mlp_dim, config.bias
+        self.gate = nn.Linear(dim, hidden, bias=bias) if config.mlp == "gated" else None
+        self.fc = nn.Linear(dim, hidden, bias=bias)
+        self.proj = nn.Linear(hidden, dim, bias=bias)
+        self.act = ACTIVATIONS[config.activation]()
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.drop(self.proj(F.gelu(self.fc(x))))
+        h = self.act(self.fc(x)) if self.gate is None else self.act(self.gate(x)) * self.fc(x)
+        return self.drop(self.proj(h))
+
+
+ACTIVATIONS = {
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU,
+    "relu": nn.ReLU,
+}
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.dim, eps=config.norm_eps)
+    return nn.LayerNorm(config.dim, eps=config.norm_eps)
 
 
 class Rotary(nn.Module):
