@@ -1,6 +1,7 @@
 """Every command, given bad input, prints one line on stderr and exits non-zero."""
 
 import shutil
+import warnings
 
 import pytest
 from click.testing import CliRunner
@@ -50,11 +51,31 @@ CASES = [
     ("generate {gru} --prompt a --top-k 0", "top_k must be an integer >= 1"),
     ("generate {gru} --prompt a --temperature -1", "temperature must be >= 0"),
     ("generate {gru} --prompt a --min-p 1.5", "min_p must be in [0, 1]"),
-    ("generate {gru} --prompt a --repetition-penalty 0", "repetition_penalty must be > 0"),
+    (
+        "generate {gru} --prompt a --repetition-penalty 0",
+        "repetition_penalty must be in [0.01, 100]",
+    ),
     ("generate {gru} --prompt a --max-new-tokens -1", "max_new_tokens must be an integer >= 0"),
     ("generate {gru} --prompt a --temperature nan", "temperature must be >= 0"),
     ("sample {ckpt} --prompt a --top-p -0.5", "top_p must be in (0, 1]"),
+    # sampling values whose use would overflow (issue 19)
+    ("generate {gru} --prompt a --seed -1", "seed must be an integer >= 0"),
+    ("sample {ckpt} --prompt a --seed -1", "seed must be an integer >= 0"),
+    (
+        "generate {gru} --prompt a --temperature 5e-324",
+        "temperature must be 0 (greedy) or at least",
+    ),
+    ("generate {gru} --prompt a --repetition-penalty 1e-308", "repetition_penalty must be in"),
+    ("generate {gru} --prompt a --repetition-penalty 1e308", "repetition_penalty must be in"),
+    (
+        "generate {gru} --prompt a --frequency-penalty -1e308",
+        "frequency_penalty must be in [-2, 2]",
+    ),
+    ("generate {gru} --prompt a --presence-penalty 1e308", "presence_penalty must be in [-2, 2]"),
+    ("generate {gru} --prompt a --min-new-tokens 10 --max-new-tokens 3", "min_new_tokens (10)"),
+    ("generate {gru} --prompt a --stop \ud800", "stop strings must be valid text"),
 ]
+USAGE = ("is not a valid", "is not one of", "No such command", "Missing option")
 
 
 @pytest.fixture
@@ -93,7 +114,12 @@ def test_bad_input_is_one_line(places, line, message):
     import shlex
 
     args = [a.format(**places) for a in shlex.split(line)]
-    assert_one_line_error(invoke(args), message)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = invoke(args)
+    assert_one_line_error(result, message)
+    assert result.exit_code == (2 if any(u in message for u in USAGE) else 1)
+    assert not [str(w.message) for w in caught]  # a warning would print a second line
 
 
 @pytest.mark.parametrize(

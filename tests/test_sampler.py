@@ -174,8 +174,46 @@ def test_min_new_tokens_suppresses_eos():
         (dict(top_k=2.5), "top_k"),
         (dict(stop=[""]), "stop"),
         (dict(colour=1), "unknown sampling parameter"),
+        (dict(seed=-1), "seed must be an integer >= 0"),
+        (dict(temperature=5e-324), "temperature must be 0 .greedy. or at least 0.0001"),
+        (dict(temperature=9e-5), "temperature must be 0 .greedy. or at least 0.0001"),
+        (dict(repetition_penalty=1e-308), r"repetition_penalty must be in \[0.01, 100\]"),
+        (dict(repetition_penalty=101), "repetition_penalty must be in"),
+        (dict(frequency_penalty=-1e308), r"frequency_penalty must be in \[-2, 2\]"),
+        (dict(presence_penalty=2.5), r"presence_penalty must be in \[-2, 2\]"),
+        (dict(min_new_tokens=10, max_new_tokens=3), r"min_new_tokens \(10\) exceeds"),
+        (dict(stop=["a", "\ud800"]), "stop strings must be valid text"),
     ],
 )
 def test_more_invalid_values(kwargs, message):
     with pytest.raises(SamplingError, match=message):
         Sampler(**kwargs)
+
+
+@pytest.mark.parametrize("penalty", [0.01, 100.0])
+@pytest.mark.parametrize("sign", [-1.0, 1.0])
+def test_the_widest_allowed_values_cannot_overflow(penalty, sign):
+    """At the edges of every range, on the largest float32 logits, no step warns."""
+    big = np.finfo(np.float32).max
+    logits = np.array([[big, -big, 0.0, big / 2, -big / 3]], dtype=np.float32)
+    sampler = Sampler(
+        temperature=1e-4,
+        top_p=0.9,
+        repetition_penalty=penalty,
+        presence_penalty=2.0 * sign,
+        frequency_penalty=2.0 * sign,
+        seed=0,
+    )
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # underflow is harmless
+        for _ in range(3):
+            token = sampler(logits, seen=[[0, 1, 2, 3, 4]], generated=[[0, 1, 1, 3]])
+            assert 0 <= token[0] < 5
+
+
+def test_every_row_draws_from_its_own_stream_of_the_seed():
+    logits = np.random.default_rng(0).normal(size=(1, 259))
+    alone = Sampler(seed=7)
+    batch = Sampler(seed=7)
+    rows = np.repeat(logits, 3, axis=0)
+    for _ in range(20):
+        assert batch(rows).tolist() == [int(alone(logits)[0])] * 3

@@ -4,6 +4,11 @@ Parameters are named as Hugging Face `generate` names them. The sampler owns its
 RNG, so the same seed gives the same tokens on every backend; temperature 0 (or
 do_sample=False) means argmax. Order: penalties, EOS suppression (min_new_tokens),
 temperature, top-k, top-p, min-p, then one uniform draw per row.
+
+Ranges are bounded so that no step can overflow, even in float64 on float32
+logits: a positive temperature is at least MIN_TEMPERATURE, repetition_penalty
+lies in REPETITION_PENALTY_RANGE, presence and frequency penalties in
+[-MAX_PENALTY, MAX_PENALTY] (OpenAI's range).
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ from typing import Any
 import numpy as np
 
 from edgegen.errors import SamplingError
+
+MIN_TEMPERATURE = 1e-4  # below it, logits / temperature can overflow: use 0 for greedy
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty|
 
 
 @dataclass(frozen=True)
@@ -44,7 +53,17 @@ class SamplingParams:
             _is_int(self.min_new_tokens) and self.min_new_tokens >= 0,
             "min_new_tokens must be an integer >= 0",
         )
+        _check(
+            self.min_new_tokens <= self.max_new_tokens,
+            f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens "
+            f"({self.max_new_tokens})",
+        )
         _check(_finite(self.temperature) and self.temperature >= 0, "temperature must be >= 0")
+        _check(
+            self.temperature == 0 or self.temperature >= MIN_TEMPERATURE,
+            f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, "
+            f"got {self.temperature:g}",
+        )
         _check(
             self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1),
             "top_k must be an integer >= 1",
@@ -57,16 +76,28 @@ class SamplingParams:
             self.min_p is None or (_finite(self.min_p) and 0 <= self.min_p <= 1),
             "min_p must be in [0, 1]",
         )
+        low, high = REPETITION_PENALTY_RANGE
         _check(
-            _finite(self.repetition_penalty) and self.repetition_penalty > 0,
-            "repetition_penalty must be > 0",
+            _finite(self.repetition_penalty) and low <= self.repetition_penalty <= high,
+            f"repetition_penalty must be in [{low:g}, {high:g}]",
         )
-        _check(_finite(self.presence_penalty), "presence_penalty must be a finite number")
-        _check(_finite(self.frequency_penalty), "frequency_penalty must be a finite number")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(
+                _finite(value) and abs(value) <= MAX_PENALTY,
+                f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]",
+            )
         _check(self.do_sample in (None, True, False), "do_sample must be true or false")
-        _check(self.seed is None or _is_int(self.seed), "seed must be an integer")
+        _check(
+            self.seed is None or (_is_int(self.seed) and self.seed >= 0),
+            "seed must be an integer >= 0",
+        )
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         _check(all(isinstance(s, str) and s for s in stop), "stop must be non-empty strings")
+        _check(
+            all(_is_unicode(s) for s in stop),
+            "stop strings must be valid text (no lone surrogates)",
+        )
         object.__setattr__(self, "stop", stop)
 
     @property
@@ -95,9 +126,15 @@ class SamplingParams:
 
 
 class Sampler:
+    """Picks the next token of every row. Each row of a batch draws from its own
+    random stream, `numpy.random.default_rng(seed)`: the same stream for every row,
+    so row i of a batch gets the tokens its prompt gets alone with that seed (and
+    equal prompts in one batch get equal texts). Without a seed each row's stream is
+    seeded afresh from the OS."""
+
     def __init__(self, params: SamplingParams | None = None, **kwargs: Any) -> None:
         self.params = params or SamplingParams.build({}, kwargs)
-        self.rng = np.random.default_rng(self.params.seed)
+        self.rngs: list[np.random.Generator] = []  # one per row, made when first seen
 
     def __call__(
         self,
@@ -124,12 +161,14 @@ class Sampler:
                 logits[b, p.eos_token_id] = -np.inf
         if p.greedy:
             return logits.argmax(axis=-1)
+        while len(self.rngs) < len(logits):
+            self.rngs.append(np.random.default_rng(self.params.seed))
         out = np.empty(logits.shape[0], dtype=np.int64)
         for b, row in enumerate(logits):
-            out[b] = self._draw(row)
+            out[b] = self._draw(row, self.rngs[b])
         return out
 
-    def _draw(self, row: np.ndarray) -> int:
+    def _draw(self, row: np.ndarray, rng: np.random.Generator) -> int:
         """One token from a row of logits, as `logits_to_probs` filters them, on the few
         candidates that matter: a partial sort for top-k, then one sort of those, so
         top-p and min-p are prefixes of it. No array is larger than the row."""
@@ -146,7 +185,7 @@ class Sampler:
             keep = min(keep, int(np.searchsorted(cumulative, p.top_p * cumulative[-1])) + 1)
         if p.min_p:
             keep = min(keep, int(np.count_nonzero(weights >= p.min_p)))
-        draw = self.rng.random() * cumulative[keep - 1]
+        draw = rng.random() * cumulative[keep - 1]
         pick = order[min(int(np.searchsorted(cumulative, draw, side="right")), keep - 1)]
         return int(ids[pick]) if ids is not None else int(pick)
 
@@ -212,6 +251,15 @@ def _check(ok: bool, message: str) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_unicode(text: str) -> bool:
+    """False for text holding a lone surrogate, which has no UTF-8 encoding."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _finite(value: Any) -> bool:
