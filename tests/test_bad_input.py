@@ -1,5 +1,6 @@
 """Every command, given bad input, prints one line on stderr and exits non-zero."""
 
+import json
 import shutil
 import warnings
 
@@ -7,9 +8,11 @@ import pytest
 from click.testing import CliRunner
 
 from edgegen.cli import main
+from edgegen.files import sha256_file
 
 # (command line, expected piece of the message). {gpt} / {gru} are trained bundles, {ckpt} the
-# GRU checkpoint; {dir}, {empty}, {binary}, {latin1}, {long} are files written per test.
+# GRU checkpoint; {dir}, {empty}, {binary}, {latin1}, {long} are files written per test;
+# {wide} and {broken_ts} are damaged bundles (see `damaged`).
 CASES = [
     # wrong types and unknown names
     ("train --steps many", "'many' is not a valid integer"),
@@ -74,12 +77,48 @@ CASES = [
     ("generate {gru} --prompt a --presence-penalty 1e308", "presence_penalty must be in [-2, 2]"),
     ("generate {gru} --prompt a --min-new-tokens 10 --max-new-tokens 3", "min_new_tokens (10)"),
     ("generate {gru} --prompt a --stop \ud800", "stop strings must be valid text"),
+    # text and bundles that would fail mid-run
+    ("generate {gru} --prompt \ud800", "lone surrogate at character 0"),  # as the API gets it
+    ("generate {wide} --prompt a", "max_seq_len 100000 must be between 1 and the model's context"),
+    ("generate {broken_ts} --prompt a --backend torchscript", "TorchScript cannot load model.ts"),
 ]
 USAGE = ("is not a valid", "is not one of", "No such command", "Missing option")
 
 
+def rewrite_manifest(bundle, change):
+    path = bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def rehash(bundle, name):
+    """Record an artifact's current hash, as a careless (or hostile) editor would."""
+
+    def change(data):
+        for artifact in data["artifacts"]:
+            if artifact["path"] == name:
+                artifact["sha256"] = sha256_file(bundle / name)
+
+    rewrite_manifest(bundle, change)
+
+
+@pytest.fixture(scope="module")
+def damaged(trained_bundles, tmp_path_factory):
+    root = tmp_path_factory.mktemp("damaged")
+    wide = root / "wide"  # a context beyond the graph's positions
+    shutil.copytree(trained_bundles["gpt"][1], wide)
+    rewrite_manifest(wide, lambda d: d["generation"].update(max_seq_len=100000))
+    broken_ts = root / "broken_ts"  # a truncated model.ts whose hash was fixed up
+    shutil.copytree(trained_bundles["gru"][1], broken_ts)
+    model = broken_ts / "model.ts"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    rehash(broken_ts, "model.ts")
+    return {"wide": wide, "broken_ts": broken_ts}
+
+
 @pytest.fixture
-def places(trained_bundles, tmp_path):
+def places(trained_bundles, damaged, tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 4)
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
@@ -94,6 +133,7 @@ def places(trained_bundles, tmp_path):
         "binary": tmp_path / "binary.bin",
         "latin1": tmp_path / "latin1.txt",
         "long": tmp_path / "long.txt",
+        **damaged,
     }
 
 
@@ -197,3 +237,28 @@ def test_debug_shows_the_traceback_of_an_edgegen_error(places):
     result = invoke(["--debug", "generate", "/no/such/bundle", "--prompt", "a"])
     assert result.exit_code == 1
     assert "Traceback" in result.stderr and "bundle directory not found" in result.stderr
+
+
+def test_a_damaged_artifact_blocks_only_itself(trained_bundles, tmp_path):
+    """Loading checks the artifact it opens; verify's files level checks every one."""
+    ckpt, bundle = trained_bundles["gru"]
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    shutil.copy(copy / "model.onnx", copy / "model.int8.onnx")  # stands in for a quantized one
+
+    def add_int8(data):
+        fp32 = next(a for a in data["artifacts"] if a["path"] == "model.onnx")
+        data["artifacts"].append({**fp32, "path": "model.int8.onnx", "precision": "int8"})
+
+    rewrite_manifest(copy, add_int8)
+    damaged = bytearray((copy / "model.int8.onnx").read_bytes())
+    damaged[len(damaged) // 2] ^= 1
+    (copy / "model.int8.onnx").write_bytes(bytes(damaged))
+    healthy = invoke(["generate", copy, "--prompt", "a", "--max-new-tokens", "3"])
+    assert healthy.exit_code == 0 and healthy.stdout.startswith("a"), healthy.output
+    int8 = invoke(["generate", copy, "--prompt", "a", "--precision", "int8"])
+    assert_one_line_error(int8, "model.int8.onnx does not match its manifest hash")
+    verified = invoke(["verify", copy, "--checkpoint", ckpt, "--levels", "6"])
+    assert_one_line_error(verified, "checks failed")
+    failed = [line for line in verified.stdout.splitlines() if "sha256 differs" in line]
+    assert len(failed) == 1 and "model.int8.onnx" in failed[0], verified.stdout

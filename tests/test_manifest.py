@@ -229,3 +229,31 @@ def test_damaged_model_bytes_give_clean_errors(copy):
     (copy / "model.onnx").write_bytes(b"")
     with pytest.raises(BundleError, match="is empty"):
         external_data_locations(copy / "model.onnx")
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda d: d["generation"].update(max_seq_len=100000), "max_seq_len 100000 must be"),
+        (lambda d: d["generation"].update(max_seq_len=129), "max_seq_len 129 must be"),
+        (lambda d: d["generation"].update(max_seq_len=None), "max_seq_len None must be"),
+        (lambda d: d["generation"].pop("max_seq_len"), "max_seq_len None must be"),
+        (lambda d: d["generation"].update(max_seq_len=0), "max_seq_len 0 must be"),
+        (lambda d: d["signature"]["layout"].update(max_seq_len=64), "context of 64 tokens"),
+    ],
+)
+def test_a_context_beyond_the_models_is_refused(trained_bundles, tmp_path, change, message):
+    """Past the graph's positions generation would fail mid-run; the manifest says so first."""
+    shutil.copytree(trained_bundles["gpt"][1], tmp_path / "b")
+    edit(tmp_path / "b", change)
+    with pytest.raises(BundleError, match=message):
+        read_manifest(tmp_path / "b")
+
+
+def test_a_context_within_the_models_is_kept(trained_bundles, tmp_path, copy):
+    shutil.copytree(trained_bundles["gpt"][1], tmp_path / "gpt")
+    edit(tmp_path / "gpt", lambda d: d["generation"].update(max_seq_len=64))
+    gen = edgegen.runtime.load(tmp_path / "gpt")
+    assert gen.context == 64 and gen.generate("ab", max_new_tokens=61).finish_reason
+    edit(copy, lambda d: d["generation"].update(max_seq_len=100000))  # an RNN has no limit
+    assert read_manifest(copy).generation["max_seq_len"] == 100000

@@ -120,6 +120,28 @@ def test_request_errors(bundles):
         gen.generate_batch("one string")
 
 
+def test_a_prompt_may_fill_the_context_when_nothing_is_asked_for(bundles):
+    gen = edgegen.runtime.load(bundles["gpt"][1])
+    full = "x" * 127  # BOS + 127 bytes = the 128-token context
+    result = gen.generate(full, max_new_tokens=0)
+    assert (result.text, result.token_ids, result.finish_reason) == ("", [], "length")
+    assert result.prompt_tokens == 128
+    with pytest.raises(GenerationError, match="does not fit the model's context of 128"):
+        gen.generate(full)  # the bundle's default length gives way, leaving nothing
+    with pytest.raises(GenerationError, match="does not fit the model's context of 128"):
+        gen.generate(full, max_new_tokens=1)
+    with pytest.raises(GenerationError, match=r"prompt \(129 tokens\) does not fit"):
+        gen.generate(full + "x", max_new_tokens=0)
+
+
+def test_text_that_is_not_unicode_is_refused(bundles):
+    gen = edgegen.runtime.load(bundles["gru"][1])
+    with pytest.raises(GenerationError, match="lone surrogate at character 2"):
+        gen.generate("ab\ud800")
+    with pytest.raises(SamplingError, match="stop strings must be valid text"):
+        gen.generate("ab", stop=["\udcff"])
+
+
 def test_load_errors(bundles, tmp_path):
     bundle = bundles["gru"][1]
     with pytest.raises(BackendError, match="unknown backend"):

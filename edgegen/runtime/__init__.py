@@ -14,7 +14,7 @@ from pathlib import Path
 from edgegen.errors import BackendError
 from edgegen.runtime.backends import DEVICES, RUNNERS
 from edgegen.runtime.generator import GenerationResult, Generator
-from edgegen.runtime.manifest import Manifest, read_manifest
+from edgegen.runtime.manifest import Manifest, read_manifest, verify_artifact
 from edgegen.runtime.sampler import Sampler, SamplingParams
 
 __all__ = [
@@ -39,9 +39,13 @@ def load(
     device: str = "cpu",
     threads: int | None = None,
 ) -> Generator:
-    """A Generator over one artifact of a bundle, after validating the manifest and hashes."""
+    """A Generator over one artifact of a bundle, after validating the manifest and the
+    hash of that artifact (a damaged int4 file does not block the healthy fp32 one;
+    `edgegen verify` checks them all)."""
     _check_request(backend, device, threads, precision)  # before any file is read
-    return _open(read_manifest(bundle_dir), backend, precision, device, threads)
+    manifest = read_manifest(bundle_dir, verify_hashes=False)
+    verify_artifact(manifest, manifest.artifact(backend, precision))
+    return _open(manifest, backend, precision, device, threads)
 
 
 def open_artifact(

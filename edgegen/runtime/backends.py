@@ -76,12 +76,7 @@ class TorchScriptRunner:
             raise BackendError("device cuda was asked for, but torch sees no CUDA GPU")
         if threads:
             torch.set_num_threads(threads)
-        with (
-            warnings.catch_warnings()
-        ):  # TorchScript is deprecated upstream; still a supported format here
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", FutureWarning)
-            self.module = torch.jit.load(str(path), map_location=device).eval()
+        self.module = _load_torchscript(torch, path, device)
         self.torch, self.device, self.input_names = torch, torch.device(device), input_names
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -92,6 +87,18 @@ class TorchScriptRunner:
                 for n in self.input_names
             ]
             return [t.float().cpu().numpy() for t in self.module(*args)]
+
+
+def _load_torchscript(torch, path: Path, device: str):
+    # A matching hash proves only that the file is the one exported; a bundle whose
+    # manifest was rewritten to match a damaged file must still fail as one line.
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream; supported here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            return torch.jit.load(str(path), map_location=device).eval()
+        except Exception as e:  # torch raises RuntimeError and friends, untyped
+            raise BackendError(f"TorchScript cannot load {path.name}: {first_line(e)}") from None
 
 
 RUNNERS = {"onnx": OnnxRunner, "torchscript": TorchScriptRunner}

@@ -77,6 +77,12 @@ class Generator:
             raise GenerationError(f"a prompt must be text, got {type(prompt).__name__}")
         if not prompt:
             raise GenerationError("the prompt is empty")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: no tokenizer can encode it
+            raise GenerationError(
+                f"the prompt is not valid text: a lone surrogate at character {e.start}"
+            ) from None
         return self.tokenizer.encode(prompt, bos=self.add_bos)
 
 
@@ -98,23 +104,7 @@ class Run:
             raise GenerationError("generate_batch needs a non-empty list of prompts")
         self.g = generator
         self.prompts = [generator.encode_prompt(p) for p in prompts]
-        longest = max(len(p) for p in self.prompts)
-        defaults = dict(generator.defaults)
-        if generator.context is not None and "max_new_tokens" in defaults:
-            # the bundle's default length gives way to the context; a length asked for does not
-            room = max(0, generator.context - longest)
-            defaults["max_new_tokens"] = min(defaults["max_new_tokens"], room)
-        self.params = params = SamplingParams.build(defaults, sampling)
-        if generator.context is not None and longest >= generator.context:
-            raise GenerationError(
-                f"the prompt ({longest} tokens) does not fit the model's context of "
-                f"{generator.context} tokens with room to generate"
-            )
-        if generator.context is not None and longest + params.max_new_tokens > generator.context:
-            raise GenerationError(
-                f"prompt ({longest} tokens) plus max_new_tokens ({params.max_new_tokens}) "
-                f"exceeds the model's context of {generator.context} tokens"
-            )
+        self.params = _fitted_params(generator, max(len(p) for p in self.prompts), sampling)
         n = len(prompts)
         self.generated: list[list[int]] = [[] for _ in range(n)]
         self.seen = [list(p) for p in self.prompts]
@@ -185,6 +175,30 @@ class Run:
             )
             for row in range(len(self.prompts))
         ]
+
+
+def _fitted_params(generator: Generator, longest: int, sampling: dict) -> SamplingParams:
+    """The run's parameters, after checking the longest prompt and its new tokens fit
+    the context. The bundle's default length gives way to the context; a length asked
+    for does not, and 0 asked for lets a prompt fill the context exactly."""
+    context, defaults = generator.context, dict(generator.defaults)
+    if context is None:
+        return SamplingParams.build(defaults, sampling)
+    if "max_new_tokens" in defaults:
+        defaults["max_new_tokens"] = min(defaults["max_new_tokens"], max(0, context - longest))
+    params = SamplingParams.build(defaults, sampling)
+    asked = sampling.get("max_new_tokens") is not None
+    if longest > context or (longest == context and not (asked and params.max_new_tokens == 0)):
+        raise GenerationError(
+            f"the prompt ({longest} tokens) does not fit the model's context of "
+            f"{context} tokens with room to generate"
+        )
+    if longest + params.max_new_tokens > context:
+        raise GenerationError(
+            f"prompt ({longest} tokens) plus max_new_tokens ({params.max_new_tokens}) "
+            f"exceeds the model's context of {context} tokens"
+        )
+    return params
 
 
 class TextStream:

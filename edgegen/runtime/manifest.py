@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from edgegen.config import ModelConfig, config_from_dict
+from edgegen.config import GPTConfig, ModelConfig, config_from_dict
 from edgegen.errors import BundleError, EdgegenError
 from edgegen.files import recover_interrupted, sha256_file
 from edgegen.runtime.onnx_refs import external_data_locations
@@ -142,6 +142,7 @@ def parse_manifest(data: Any, directory: Path) -> Manifest:
         raise BundleError(f"manifest: {e}") from None
     _check_signature(data["signature"])
     _check_generation(data["generation"])
+    _check_context(data["generation"], config, data["signature"]["layout"])
     artifacts = tuple(_parse_artifact(a) for a in data["artifacts"])
     if not artifacts:
         raise BundleError("manifest lists no artifacts")
@@ -286,6 +287,22 @@ def _check_generation(generation: dict[str, Any]) -> None:
     for key, ok in _GENERATION_TYPES.items():
         if key in generation and not ok(generation[key]):
             raise BundleError(f"manifest generation field {key!r} has a bad value")
+
+
+def _check_context(generation: dict[str, Any], config: ModelConfig, layout: dict) -> None:
+    """The runtime stops generation at generation.max_seq_len; past the positions the
+    graph was built for it would fail mid-run, so that limit may not exceed them."""
+    limits = [config.max_seq_len] if isinstance(config, GPTConfig) else []
+    if isinstance(layout.get("max_seq_len"), int):
+        limits.append(layout["max_seq_len"])
+    if not limits:
+        return  # an RNN has no context limit
+    context, limit = generation.get("max_seq_len"), min(limits)
+    if not isinstance(context, int) or not 1 <= context <= limit:
+        raise BundleError(
+            f"manifest generation max_seq_len {context!r} must be between 1 and the "
+            f"model's context of {limit} tokens"
+        )
 
 
 def _is_dim(d: Any) -> bool:
