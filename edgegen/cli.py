@@ -3,6 +3,7 @@ torch is imported only inside the commands that need it."""
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -39,6 +40,9 @@ class EdgegenGroup(click.Group):
             raise _one_line(e) from None
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except BrokenPipeError:  # the reader (say `head`) has all it wants: no message
+            _silence_stdout()
+            ctx.exit(141)  # what a shell reports for a program that SIGPIPE ended
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
@@ -47,6 +51,16 @@ class EdgegenGroup(click.Group):
                 traceback.print_exc()
             click.echo(f"error: {' '.join(_describe(e).splitlines())}", err=True)
             ctx.exit(1)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at devnull, so the flush at exit cannot fail on the closed pipe
+    again (as the Python docs on SIGPIPE suggest)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (a test runner)
+        pass
 
 
 def _one_line(e: click.UsageError) -> OneLineError:
@@ -194,9 +208,10 @@ def generate_command(
     """Generate text from a bundle with the torch-free runtime (stdin when no prompt)."""
     import edgegen.runtime
 
-    prompts = list(prompts) or [read_prompt(prompt_file)]
+    check_output_flags(stream, as_json, len(prompts))
+    prompts = list(argv_text(prompts, "--prompt")) or [read_prompt(prompt_file)]
     generator = edgegen.runtime.load(bundle, backend, precision, device, threads)
-    run_generation(generator, prompts, stream, as_json, stop=stop, **sampling)
+    run_generation(generator, prompts, stream, as_json, stop=argv_text(stop, "--stop"), **sampling)
 
 
 @main.command("sample")
@@ -216,7 +231,38 @@ def sample_command(checkpoint, prompts, stream, as_json, stop, **sampling) -> No
     """Continue prompts with a checkpoint in eager PyTorch (same loop and sampler)."""
     from edgegen.eager import load_eager
 
-    run_generation(load_eager(checkpoint), list(prompts), stream, as_json, stop=stop, **sampling)
+    check_output_flags(stream, as_json, len(prompts))
+    prompts = list(argv_text(prompts, "--prompt"))
+    model = load_eager(checkpoint)
+    run_generation(model, prompts, stream, as_json, stop=argv_text(stop, "--stop"), **sampling)
+
+
+def check_output_flags(stream: bool, as_json: bool, n_prompts: int) -> None:
+    """--stream prints one text as it grows; JSON and batches are printed whole."""
+    if stream and as_json:
+        raise click.UsageError("--stream and --json cannot be combined")
+    if stream and n_prompts > 1:
+        raise click.UsageError("--stream takes a single prompt")
+
+
+def argv_text(values, option: str) -> tuple[str, ...]:
+    """Command-line text as UTF-8. Python hands over argv bytes that are not UTF-8 as
+    surrogate escapes (PEP 383): turn them back into bytes and refuse them, as a
+    prompt file is refused, rather than pass lone surrogates on."""
+    from edgegen.errors import GenerationError
+
+    texts = []
+    for value in values:
+        try:
+            raw = os.fsencode(value)
+        except UnicodeEncodeError:  # not from argv: the runtime refuses the surrogate
+            texts.append(value)
+            continue
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise GenerationError(f"{option} is not UTF-8 (bad byte at offset {e.start})") from None
+    return tuple(texts)
 
 
 def read_prompt(path: str | None) -> str:
@@ -244,7 +290,7 @@ def run_generation(generator, prompts, stream, as_json, **sampling) -> None:
     import json
 
     sampling = {k: v for k, v in sampling.items() if v is not None and v != ()}
-    if stream and not as_json and len(prompts) == 1:
+    if stream:  # one prompt, no JSON: check_output_flags
         click.echo(prompts[0], nl=False)
         for piece in generator.stream(prompts[0], **sampling):
             click.echo(piece, nl=False)

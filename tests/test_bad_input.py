@@ -81,8 +81,15 @@ CASES = [
     ("generate {gru} --prompt \ud800", "lone surrogate at character 0"),  # as the API gets it
     ("generate {wide} --prompt a", "max_seq_len 100000 must be between 1 and the model's context"),
     ("generate {broken_ts} --prompt a --backend torchscript", "TorchScript cannot load model.ts"),
+    # command-line bytes that are not UTF-8 (surrogate escapes), flags that do not combine
+    ("generate {gru} --prompt \udced\udca0\udc80", "--prompt is not UTF-8"),
+    ("generate {gru} --prompt a --stop \udcff", "--stop is not UTF-8"),
+    ("sample {ckpt} --prompt \udcff", "--prompt is not UTF-8"),
+    ("generate {gru} --prompt a --stream --json", "--stream and --json cannot be combined"),
+    ("generate {gru} --prompt a --prompt b --stream", "--stream takes a single prompt"),
+    ("sample {ckpt} --prompt a --stream --json", "--stream and --json cannot be combined"),
 ]
-USAGE = ("is not a valid", "is not one of", "No such command", "Missing option")
+USAGE = ("--stream", "is not a valid", "is not one of", "No such command", "Missing option")
 
 
 def rewrite_manifest(bundle, change):

@@ -73,6 +73,17 @@ def test_each_row_of_a_seeded_batch_equals_its_prompt_alone(bundles, name):
         assert alone[0] == alone[1] and alone[0] != alone[2]
 
 
+def test_cli_batch_rows_equal_single_prompts(bundles):
+    bundle = str(bundles["gpt"][1])
+    seeded = ["--seed", "1", "--temperature", "0.8", "--max-new-tokens", "20"]
+    alone = CliRunner().invoke(main, ["generate", bundle, "--prompt", "The ", *seeded])
+    twice = CliRunner().invoke(
+        main, ["generate", bundle, "--prompt", "The ", "--prompt", "The ", *seeded, "--json"]
+    )
+    assert alone.exit_code == 0 and twice.exit_code == 0, twice.output
+    assert ["The " + r["text"] + "\n" for r in json.loads(twice.stdout)] == [alone.stdout] * 2
+
+
 @pytest.mark.parametrize("name", ["gpt", "gru"])
 def test_stream_concatenates_to_the_generated_text(bundles, name):
     gen = generators(bundles, name)["onnx"]
@@ -140,6 +151,21 @@ def test_text_that_is_not_unicode_is_refused(bundles):
         gen.generate("ab\ud800")
     with pytest.raises(SamplingError, match="stop strings must be valid text"):
         gen.generate("ab", stop=["\udcff"])
+
+
+@pytest.mark.parametrize("output", ["--stream", "--json"])
+def test_piping_into_head_exits_quietly(bundles, output):
+    """`edgegen generate ... | head -c 10`: the closed pipe ends the run without a word,
+    with the status a shell gives a program that SIGPIPE ended. (One large write, as
+    --json makes, may find no reader without Python raising: then the exit is 0.)"""
+    args = [sys.executable, "-m", "edgegen", "generate", str(bundles["gru"][1]), "--prompt"]
+    args += ["a", "--max-new-tokens", "4000", "--ignore-eos", output]
+    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(child.stdout.read(10)) == 10
+    child.stdout.close()  # what head does once it has its bytes
+    stderr = child.stderr.read()
+    assert child.wait(timeout=120) in ((141,) if output == "--stream" else (0, 141))
+    assert stderr == b""
 
 
 def test_load_errors(bundles, tmp_path):
