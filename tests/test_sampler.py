@@ -165,6 +165,16 @@ def test_min_new_tokens_suppresses_eos():
     assert sampler(logits, generated=[[0, 0]]).tolist() == [1]
 
 
+def test_several_eos_ids_are_all_suppressed():
+    logits = np.array([[0.0, 10.0, 9.0, 1.0]])
+    sampler = Sampler(temperature=0, eos_token_id=[1, 2], min_new_tokens=1)
+    assert sampler.params.eos_ids == (1, 2)
+    assert sampler(logits, generated=[[]]).tolist() == [3]
+    assert sampler(logits, generated=[[3]]).tolist() == [1]
+    with pytest.raises(SamplingError, match="eos_token_id must be a token id or a list"):
+        Sampler(eos_token_id=[1, -2])
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [

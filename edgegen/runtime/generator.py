@@ -145,7 +145,7 @@ class Run:
 
     def _accept(self, row: int, token: int) -> None:
         p = self.params
-        if token == p.eos_token_id and not p.ignore_eos:
+        if token in p.eos_ids and not p.ignore_eos:
             self.finished[row] = "eos"
             return
         self.generated[row].append(token)

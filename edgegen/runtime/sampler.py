@@ -40,7 +40,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtract once from every generated token's logit
     frequency_penalty: float = 0.0  # subtract per occurrence among generated tokens
     stop: tuple[str, ...] = ()  # stop before any of these strings
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None  # one id or several, as in HF
     ignore_eos: bool = False
     seed: int | None = None
 
@@ -99,6 +99,13 @@ class SamplingParams:
             "stop strings must be valid text (no lone surrogates)",
         )
         object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "eos_token_id", _checked_eos(self.eos_token_id))
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends generation."""
+        eos = self.eos_token_id
+        return () if eos is None else eos if isinstance(eos, tuple) else (eos,)
 
     @property
     def penalized(self) -> bool:
@@ -148,7 +155,7 @@ class Sampler:
         logits = _checked(logits)
         for rows in (seen, generated):
             _check(not rows or len(rows) == len(logits), "seen/generated need a list per row")
-        suppress_eos = p.min_new_tokens > 0 and p.eos_token_id is not None and generated is not None
+        suppress_eos = p.min_new_tokens > 0 and bool(p.eos_ids) and generated is not None
         if p.greedy and not p.penalized and not suppress_eos:
             return logits.argmax(axis=-1)  # the common path: no copy
         logits = logits.astype(np.float64)
@@ -158,7 +165,7 @@ class Sampler:
                     logits[b], seen[b] if seen else (), generated[b] if generated else (), p
                 )
             if suppress_eos and len(generated[b]) < p.min_new_tokens:
-                logits[b, p.eos_token_id] = -np.inf
+                logits[b, list(p.eos_ids)] = -np.inf
         if p.greedy:
             return logits.argmax(axis=-1)
         while len(self.rngs) < len(logits):
@@ -251,6 +258,16 @@ def _check(ok: bool, message: str) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _checked_eos(value: Any) -> int | tuple[int, ...] | None:
+    """eos_token_id as given, several ids as a tuple (the params are frozen)."""
+    value = tuple(value) if isinstance(value, list | tuple) else value
+    ids = value if isinstance(value, tuple) else () if value is None else (value,)
+    _check(
+        all(_is_int(i) and i >= 0 for i in ids), "eos_token_id must be a token id or a list of them"
+    )
+    return value
 
 
 def _is_unicode(text: str) -> bool:
