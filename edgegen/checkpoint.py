@@ -1,4 +1,5 @@
-"""Checkpoint directories: config.json, model.safetensors, tokenizer.json (+ training files).
+"""Checkpoint directories: config.json, model.safetensors, tokenizer.json (+ tokenizer_spec.json
+for an HF tokenizer, + training files).
 
 Nothing here unpickles: weights are safetensors, everything else is JSON. A
 checkpoint is written into a temporary sibling directory and renamed into place,
@@ -17,17 +18,16 @@ from edgegen.config import ModelConfig, load_config, save_config
 from edgegen.errors import CheckpointError, EdgegenError, first_line
 from edgegen.files import recover_interrupted
 from edgegen.models import build_model
-from edgegen.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
+from edgegen.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, save_tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
 
 
 def write_model_files(directory: Path, model: torch.nn.Module, tokenizer: Tokenizer) -> None:
     save_config(model.config, directory / CONFIG_FILE)
-    save_tokenizer(tokenizer, directory / TOKENIZER_FILE)
+    save_tokenizer(tokenizer, directory)
     save_model(model, str(directory / WEIGHTS_FILE))
 
 
@@ -42,14 +42,9 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
         raise CheckpointError(f"checkpoint {directory} is missing {', '.join(missing)}")
     try:
         config: ModelConfig = load_config(directory / CONFIG_FILE)
-        tokenizer = load_tokenizer(directory / TOKENIZER_FILE)
+        tokenizer = load_tokenizer(directory, config.vocab_size)
     except EdgegenError as e:
         raise CheckpointError(f"checkpoint {directory}: {e}") from None
-    if config.vocab_size != tokenizer.vocab_size:
-        raise CheckpointError(
-            f"checkpoint {directory}: model vocab_size {config.vocab_size} does not match "
-            f"the tokenizer's {tokenizer.vocab_size}"
-        )
     model = build_model(config)
     try:
         load_model(model, str(directory / WEIGHTS_FILE), device=str(device))

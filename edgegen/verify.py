@@ -6,7 +6,8 @@
     4 quality   next-token distributions on held-out text vs fp32 eager: KL divergence,
                 top-1 agreement, perplexity change (the gate quantized artifacts must pass)
     5 sampling  the same seed gives the same tokens on every fp32 backend
-    6 files     the manifest validates and every artifact matches its sha256
+    6 files     the manifest validates, every artifact matches its sha256, and so does the
+                tokenizer file, which also parses and fits the model's vocabulary
 
 Every level reports a figure and its tolerance; any failure fails the report.
 """
@@ -199,7 +200,16 @@ def check_files(manifest: Manifest) -> list[Check]:
             checks.append(Check(6, artifact.path, "sha256 matches", "exact", True))
         except EdgegenError as e:
             checks.append(Check(6, artifact.path, "sha256 differs", "exact", False, str(e)))
-    return checks
+    return [*checks, check_tokenizer_file(manifest)]
+
+
+def check_tokenizer_file(manifest: Manifest) -> Check:
+    name = manifest.data["tokenizer"]["file"]
+    try:
+        _ = manifest.tokenizer  # reading it checks its hash, then that it parses and fits
+    except EdgegenError as e:
+        return Check(6, name, "damaged", "exact", False, str(e))
+    return Check(6, name, "sha256 matches, parses", "exact", True)
 
 
 def check_steps(spec, run, artifact: str, tolerance: float) -> Check:

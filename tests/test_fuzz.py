@@ -48,10 +48,9 @@ def test_tokenizer_specs(spec):
 @given(st.binary(max_size=200))
 def test_tokenizer_files(data):
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "tokenizer.json"
-        path.write_bytes(data)
+        (Path(tmp) / "tokenizer.json").write_bytes(data)
         with pytest.raises(TokenizerError):
-            load_tokenizer(path)
+            load_tokenizer(Path(tmp))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import pytest
@@ -13,7 +14,9 @@ from edgegen.files import sha256_file
 from edgegen.models import build_model
 from edgegen.runtime.manifest import read_manifest
 from edgegen.runtime.onnx_refs import _CHILDREN, external_data_locations
-from edgegen.tokenizer import ByteTokenizer
+from edgegen.tokenizer import ByteTokenizer, HFTokenizer
+from edgegen.verify import check_files
+from tests.hf_tokenizers import byte_level_bpe
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +52,8 @@ def test_valid_bundle_reads(bundle):
 @pytest.mark.parametrize(
     "change,message",
     [
-        (lambda d: d.update(format_version=3), "bundle format version 3 is not supported"),
-        (lambda d: d.update(format_version=1), "export the checkpoint again"),
+        (lambda d: d.update(format_version=4), "bundle format version 4 is not supported"),
+        (lambda d: d.update(format_version=2), "export the checkpoint again"),
         (lambda d: d.pop("signature"), "missing the field 'signature'"),
         (lambda d: d.update(format="other"), "not an edgegen bundle"),
         (lambda d: d["artifacts"][0].update(path="/etc/passwd"), "must stay inside the bundle"),
@@ -65,6 +68,10 @@ def test_valid_bundle_reads(bundle):
         (lambda d: d.update(artifacts=[]), "lists no artifacts"),
         (lambda d: d["model"].update(family="cnn"), "unknown model family"),
         (lambda d: d["tokenizer"].update(spec={"type": "bpe", "version": 1}), "tokenizer type"),
+        (lambda d: d["tokenizer"].update(file="/etc/passwd"), "must be a path inside the bundle"),
+        (lambda d: d["tokenizer"].update(file="../b/tokenizer.json"), "must be a path inside"),
+        (lambda d: d["tokenizer"].pop("sha256"), "tokenizer: sha256 must be 64 hex digits"),
+        (lambda d: d["generation"].update(eos_token_id=[1, "2"]), "'eos_token_id' has a bad"),
         (lambda d: d["signature"]["state"].append({"input": "x", "output": "y"}), "unknown input"),
     ],
 )
@@ -229,6 +236,120 @@ def test_damaged_model_bytes_give_clean_errors(copy):
     (copy / "model.onnx").write_bytes(b"")
     with pytest.raises(BundleError, match="is empty"):
         external_data_locations(copy / "model.onnx")
+
+
+# --- the tokenizer file --------------------------------------------------------------
+
+
+def test_damaged_byte_tokenizer_file_is_rejected(copy):
+    (copy / "tokenizer.json").write_text("{}")
+    with pytest.raises(BundleError, match=r"tokenizer\.json does not match its manifest hash"):
+        read_manifest(copy)
+    manifest = read_manifest(copy, verify_hashes=False)
+    assert [c.passed for c in check_files(manifest)] == [True, False]  # model.onnx, tokenizer
+
+
+@pytest.fixture(scope="module")
+def hf_bundle(tmp_path_factory):
+    """An RNN whose 400 embedding rows outnumber its byte-level BPE tokenizer's ids."""
+    root = tmp_path_factory.mktemp("hf-bundle")
+    torch.manual_seed(0)
+    tokenizer = HFTokenizer.from_hf(
+        byte_level_bpe(), {"eos_token": "<|endoftext|>"}, {"eos_token_id": [0, 2]}, 400
+    )
+    (root / "ckpt").mkdir()
+    model = build_model(preset("rnn", "tiny", dim=16, hidden_size=16, vocab_size=400))
+    write_model_files(root / "ckpt", model, tokenizer)
+    export_bundle(root / "ckpt", root / "b", formats=["onnx"])
+    return root / "b", tokenizer
+
+
+@pytest.fixture
+def hf_copy(hf_bundle, tmp_path):
+    shutil.copytree(hf_bundle[0], tmp_path / "b")
+    return tmp_path / "b"
+
+
+def test_hf_tokenizer_round_trips_through_the_bundle(hf_bundle):
+    bundle, tokenizer = hf_bundle
+    manifest = read_manifest(bundle)
+    assert manifest.tokenizer == tokenizer and manifest.tokenizer.vocab_size == 400
+    assert (bundle / "tokenizer.json").read_text() == byte_level_bpe()  # verbatim
+    assert sorted(p.name for p in bundle.iterdir()) == [
+        "manifest.json",
+        "model.onnx",
+        "tokenizer.json",
+    ]
+    assert manifest.data["tokenizer"]["sha256"] == sha256_file(bundle / "tokenizer.json")
+    assert manifest.generation["eos_token_id"] == [0, 2] and not manifest.generation["add_bos"]
+    prompt = "<|im_start|>user\n東京 🚀<|im_end|>"
+    result = edgegen.runtime.load(bundle).generate(prompt, max_new_tokens=6, temperature=0)
+    assert result.prompt_tokens == len(tokenizer.encode(prompt))
+    assert all(0 <= t < 400 for t in result.token_ids)
+    assert [c.passed for c in check_files(manifest)] == [True, True]
+
+
+def test_generation_stops_at_any_eos_id(hf_bundle):
+    generator = edgegen.runtime.load(hf_bundle[0])
+    free = generator.generate("hello", max_new_tokens=4, temperature=0, eos_token_id=[])
+    first = free.token_ids[0]
+    stopped = generator.generate("hello", max_new_tokens=4, temperature=0, eos_token_id=[2, first])
+    assert stopped.finish_reason == "eos" and stopped.token_ids == []
+    held = generator.generate(
+        "hello", max_new_tokens=4, temperature=0, eos_token_id=[2, first], min_new_tokens=2
+    )
+    assert len(held.token_ids) >= 2 and first not in held.token_ids[:2]
+
+
+def too_many_ids() -> str:
+    from tokenizers import Tokenizer as Backend
+
+    backend = Backend.from_str(byte_level_bpe())
+    backend.add_tokens([f"<extra_{i}>" for i in range(40)])
+    return backend.to_str()
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("", r"tokenizer file .*tokenizer\.json is empty"),
+        ("{", "tokenizer.json is not a Hugging Face tokenizer"),
+        ('{"version": "1.0"}', "tokenizer.json is not a Hugging Face tokenizer"),
+        (None, r"has ids up to \d+, beyond the model's vocab_size 400"),
+    ],
+)
+def test_damaged_hf_tokenizer_files_give_one_line(hf_copy, content, message):
+    path = hf_copy / "tokenizer.json"
+    path.write_text(too_many_ids() if content is None else content)
+    with pytest.raises(BundleError, match=r"tokenizer\.json does not match its manifest hash"):
+        edgegen.runtime.load(hf_copy)
+    edit(hf_copy, lambda d: d["tokenizer"].update(sha256=sha256_file(path)))  # a careless editor
+    for read in (read_manifest, edgegen.runtime.load):
+        with pytest.raises(BundleError, match=message) as error:
+            read(hf_copy)
+        assert "\n" not in str(error.value)
+    check = check_files(read_manifest(hf_copy, verify_hashes=False))[-1]
+    assert not check.passed and re.search(message, check.detail)
+
+
+def test_hf_tokenizer_file_follows_the_artifact_path_rules(hf_copy, tmp_path):
+    outside = tmp_path / "outside.json"
+    shutil.move(hf_copy / "tokenizer.json", outside)
+    (hf_copy / "tokenizer.json").symlink_to(outside)
+    with pytest.raises(BundleError, match="resolves outside the bundle directory"):
+        edgegen.runtime.load(hf_copy)
+    (hf_copy / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match=r"is missing tokenizer\.json"):
+        read_manifest(hf_copy)
+    edit(hf_copy, lambda d: d["tokenizer"].update(file="/etc/passwd"))
+    with pytest.raises(BundleError, match="'/etc/passwd' must be a path inside the bundle"):
+        edgegen.runtime.load(hf_copy)
+
+
+def test_hf_spec_in_the_manifest_is_checked(hf_copy):
+    edit(hf_copy, lambda d: d["tokenizer"]["spec"].update(eos_ids=[400]))
+    with pytest.raises(BundleError, match="eos_ids id 400 is not in the vocabulary"):
+        read_manifest(hf_copy)
 
 
 @pytest.mark.parametrize(

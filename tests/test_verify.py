@@ -165,7 +165,16 @@ def test_level_6_catches_a_tampered_file(gpt_copy):
         f.write(b"tampered")
     report = verify_bundle(bundle, ckpt)
     assert failed_levels(report) == {6}
-    assert [c.level for c in report.checks] == [6, 6]  # nothing loads a damaged file
+    assert [c.level for c in report.checks] == [6, 6, 6]  # nothing loads a damaged file
+    assert [c.artifact for c in report.checks if c.passed] == ["model.onnx", "tokenizer.json"]
+
+
+def test_level_6_catches_a_damaged_tokenizer(gpt_copy):
+    ckpt, bundle = gpt_copy
+    (bundle / "tokenizer.json").write_text("{")
+    report = verify_bundle(bundle, ckpt)
+    assert [c.artifact for c in report.checks if not c.passed] == ["tokenizer.json"]
+    assert "does not match its manifest hash" in report.checks[-1].detail
 
 
 def test_level_4_gates_are_configurable(trained_bundles):

@@ -54,7 +54,7 @@ from edgegen.runtime.manifest import (
     Manifest,
     read_manifest,
 )
-from edgegen.tokenizer import save_tokenizer
+from edgegen.tokenizer import write_tokenizer_file
 
 FORMATS = ("onnx", "torchscript")
 FILENAMES = {"onnx": "model.onnx", "torchscript": "model.ts"}
@@ -94,7 +94,7 @@ def export_bundle(
     spec = step_spec(model)
 
     def fill(tmp: Path) -> None:
-        save_tokenizer(tokenizer, tmp / TOKENIZER_FILE)
+        tokenizer_section = _write_tokenizer(tokenizer, tmp)
         artifacts, parity = [], {}
         for fmt in formats:
             if on_artifact:
@@ -121,7 +121,7 @@ def export_bundle(
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "model": {"family": model.config.family, "config": _config_fields(model.config)},
-            "tokenizer": {"file": TOKENIZER_FILE, "spec": tokenizer.to_dict()},
+            "tokenizer": tokenizer_section,
             "signature": spec.signature(),
             "artifacts": [a.to_dict() for a in artifacts],
             "parity": {"reference": "eager PyTorch fp32", "artifacts": parity},
@@ -133,6 +133,13 @@ def export_bundle(
 
     write_atomically(out, fill)
     return read_manifest(out)
+
+
+def _write_tokenizer(tokenizer, tmp: Path) -> dict[str, Any]:
+    """The bundle's tokenizer file, hashed like an artifact, and its manifest section."""
+    path = tmp / TOKENIZER_FILE
+    write_tokenizer_file(tokenizer, path)
+    return {"file": TOKENIZER_FILE, "sha256": sha256_file(path), "spec": tokenizer.to_dict()}
 
 
 @dataclass

@@ -47,8 +47,9 @@ class Generator:
     ) -> None:
         self.runner, self.signature, self.tokenizer = runner, signature, tokenizer
         self.defaults = {k: v for k, v in generation.items() if k in _SAMPLING_DEFAULTS}
-        self.defaults.setdefault("eos_token_id", generation.get("eos_token_id", tokenizer.eos_id))
-        self.add_bos = generation.get("add_bos", True)
+        eos = generation.get("eos_token_id", list(tokenizer.eos_ids))
+        self.defaults.setdefault("eos_token_id", eos)
+        self.add_bos = generation.get("add_bos", tokenizer.add_bos)
         self.context = generation.get("max_seq_len")
         self.backend = backend
 
@@ -229,9 +230,9 @@ class TextStream:
 def default_generation_config(tokenizer: Tokenizer, context: int | None) -> dict[str, Any]:
     """What a bundle's manifest records under "generation"."""
     return {
-        "add_bos": True,  # training documents start with BOS
+        "add_bos": tokenizer.add_bos,  # the byte tokenizer's documents start with BOS
         "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": tokenizer.eos_id,
+        "eos_token_id": list(tokenizer.eos_ids),  # any of them ends generation
         "pad_token_id": tokenizer.pad_id,
         "max_seq_len": context,  # None: unbounded (RNN)
         "max_new_tokens": 128,

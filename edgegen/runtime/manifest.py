@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -19,11 +20,13 @@ from edgegen.config import GPTConfig, ModelConfig, config_from_dict
 from edgegen.errors import BundleError, EdgegenError
 from edgegen.files import recover_interrupted, sha256_file
 from edgegen.runtime.onnx_refs import external_data_locations
-from edgegen.tokenizer import Tokenizer, tokenizer_from_dict
+from edgegen.tokenizer import Tokenizer, read_tokenizer, spec_type
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_NAME = "edgegen-bundle"
-FORMAT_VERSION = 2  # 2: a GPT step returns only new keys/values; the runtime owns the cache
+# 2: a GPT step returns only new keys/values; the runtime owns the cache
+# 3: the tokenizer file is hashed like an artifact; generation eos_token_id may list ids
+FORMAT_VERSION = 3
 ARTIFACT_FORMATS = ("onnx", "torchscript")
 PRECISIONS = ("fp32", "int8", "int4", "fp16")
 DTYPES = ("int64", "float32")
@@ -66,8 +69,13 @@ class Manifest:
     directory: Path
     data: dict[str, Any]
     config: ModelConfig
-    tokenizer: Tokenizer
     artifacts: tuple[Artifact, ...]
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """Read on first use, after checking its file as an artifact is checked (inside
+        the bundle, present, its sha256) and that its ids fit the model."""
+        return _read_bundle_tokenizer(self)
 
     @property
     def signature(self) -> dict[str, Any]:
@@ -91,7 +99,8 @@ class Manifest:
 
 
 def read_manifest(directory: str | Path, verify_hashes: bool = True) -> Manifest:
-    """Read and validate a bundle's manifest; with `verify_hashes`, check every artifact file."""
+    """Read and validate a bundle's manifest; with `verify_hashes`, check every artifact file
+    and the tokenizer's (else the tokenizer's is checked when first used)."""
     directory = Path(directory)
     recover_interrupted(directory)
     if not directory.is_dir():
@@ -107,6 +116,7 @@ def read_manifest(directory: str | Path, verify_hashes: bool = True) -> Manifest
     if verify_hashes:
         for artifact in manifest.artifacts:
             verify_artifact(manifest, artifact)
+        _ = manifest.tokenizer  # reading it checks its file
     return manifest
 
 
@@ -137,7 +147,7 @@ def parse_manifest(data: Any, directory: Path) -> Manifest:
         config = config_from_dict(
             {"family": data["model"].get("family"), **data["model"]["config"]}
         )
-        tokenizer = tokenizer_from_dict(data["tokenizer"].get("spec"))
+        spec_type(data["tokenizer"].get("spec"))
     except EdgegenError as e:
         raise BundleError(f"manifest: {e}") from None
     _check_signature(data["signature"])
@@ -146,7 +156,8 @@ def parse_manifest(data: Any, directory: Path) -> Manifest:
     artifacts = tuple(_parse_artifact(a) for a in data["artifacts"])
     if not artifacts:
         raise BundleError("manifest lists no artifacts")
-    return Manifest(directory, data, config, tokenizer, artifacts)
+    _check_tokenizer(data["tokenizer"])
+    return Manifest(directory, data, config, artifacts)
 
 
 def verify_artifact(manifest: Manifest, artifact: Artifact) -> Path:
@@ -161,6 +172,20 @@ def verify_artifact(manifest: Manifest, artifact: Artifact) -> Path:
     if artifact.format == "onnx":
         _check_external_data(manifest, artifact, path)
     return path
+
+
+def _read_bundle_tokenizer(manifest: Manifest) -> Tokenizer:
+    section, root = manifest.data["tokenizer"], manifest.directory.resolve()
+    path = manifest.directory / section["file"]
+    if not path.resolve().is_relative_to(root):
+        raise BundleError(f"tokenizer file {section['file']} resolves outside the bundle directory")
+    if not path.is_file():
+        raise BundleError(f"bundle {manifest.directory} is missing {section['file']}")
+    _check_hash(path, section["file"], section["sha256"])
+    try:
+        return read_tokenizer(section["spec"], path, manifest.config.vocab_size)
+    except EdgegenError as e:
+        raise BundleError(f"bundle {manifest.directory}: {e}") from None
 
 
 def _check_hash(path: Path, name: str, expected: str) -> None:
@@ -222,6 +247,19 @@ def _parse_artifact(data: Any) -> Artifact:
             _check_relative_path(name)
             _check_sha256(digest, name)
     return artifact
+
+
+def _check_tokenizer(section: dict[str, Any]) -> None:
+    """The tokenizer's file follows the artifacts' rules: a relative path, a sha256."""
+    try:
+        _check_relative_path(section.get("file"))
+    except BundleError:
+        raise BundleError(
+            f"tokenizer file {section.get('file')!r} must be a path inside the bundle directory"
+        ) from None
+    digest = section.get("sha256")
+    if not isinstance(digest, str) or not re.fullmatch("[0-9a-f]{64}", digest):
+        raise BundleError("manifest tokenizer: sha256 must be 64 hex digits")
 
 
 def _check_sha256(digest: Any, name: str) -> None:
@@ -313,10 +351,14 @@ def _optional_int(value: Any) -> bool:
     return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
 
 
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 _GENERATION_TYPES = {
     "add_bos": lambda v: isinstance(v, bool),
     "bos_token_id": _optional_int,
-    "eos_token_id": _optional_int,
+    "eos_token_id": lambda v: _optional_int(v) or (isinstance(v, list) and all(map(_is_id, v))),
     "pad_token_id": _optional_int,
     "max_seq_len": _optional_int,
     "max_new_tokens": _optional_int,
