@@ -158,6 +158,17 @@ def train_command(overrides, resume, force, quiet, **kwargs) -> None:
     )
 
 
+@main.command("import")
+@click.argument("source", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Checkpoint directory to write.")
+@click.option("--force", is_flag=True, help="Replace an existing checkpoint in --out.")
+def import_command(source, out, force) -> None:
+    """Import a pretrained model (a Hugging Face directory or a GGUF file) as a checkpoint."""
+    from edgegen.importers.pretrained import import_pretrained
+
+    click.echo(import_pretrained(source, out, force=force).summary())
+
+
 def sampling_options(command):
     """The sampling flags shared by `generate` and `sample` (Hugging Face names)."""
     options = [

@@ -72,8 +72,8 @@ def claim_output(
     force: bool = False,
     existing: bool = False,
 ) -> Iterator[Path]:
-    """Hold OUT for writing an artifact of `kind`; `existing`: OUT must already be one
-    (resume, quantize), and is updated rather than replaced."""
+    """Hold OUT for writing an artifact of `kind`; `existing`: OUT is one already (resume,
+    quantize), which the command reads and validates before it writes a new version."""
     out = Path(out)
     check_placement(out, inputs)
     with writer_lock(out):
@@ -98,12 +98,9 @@ def check_placement(out: Path, inputs: Iterable[str | Path]) -> None:
 
 
 def check_replaceable(out: Path, kind: str, force: bool, existing: bool) -> None:
-    there = out.exists() or out.is_symlink()
-    if existing:
-        if artifact_kind(out) != kind:
-            found = describe(out) if there else "nothing"
-            raise OutputError(f"{out} is not an edgegen {kind}: found {found}")
+    if existing:  # the command reads and validates it whole before writing anything
         return
+    there = out.exists() or out.is_symlink()
     if not there:
         return
     found = describe(out)

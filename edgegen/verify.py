@@ -214,10 +214,13 @@ def check_tokenizer_file(manifest: Manifest) -> Check:
 
 def check_steps(spec, run, artifact: str, tolerance: float) -> Check:
     results = step_grid(spec, run, tolerance)
-    worst = max(results, key=lambda r: r["max_abs_diff"])
+    worst = max(results, key=lambda r: r["relative"])
     failed = [r for r in results if not r["passed"]]
     detail = failed[0]["message"] if failed else ""
-    figure = f"max |diff| {worst['max_abs_diff']:.2e} over {len(results)} shapes"
+    figure = (
+        f"max |diff| {worst['max_abs_diff']:.2e} ({worst['relative']:.1e} of scale) "
+        f"over {len(results)} shapes"
+    )
     return Check(1, artifact, figure, f"{tolerance:.0e}", not failed, detail)
 
 
@@ -243,7 +246,7 @@ def check_cache(
     result = compare(
         f"prefill + {steps} decode steps", ["logits"], [got], [np.stack(want)], tolerance
     )
-    figure = f"max |diff| {result['max_abs_diff']:.2e}"
+    figure = f"max |diff| {result['max_abs_diff']:.2e} ({result['relative']:.1e} of scale)"
     return Check(
         2,
         artifact,

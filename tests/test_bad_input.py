@@ -222,7 +222,7 @@ def test_a_failed_export_leaves_the_existing_bundle(trained_bundles, tmp_path):
     shutil.copytree(ckpt, broken)
     (broken / "model.safetensors").write_bytes(b"not weights")
     assert_one_line_error(
-        invoke(["export", broken, "--out", copy, "--force"]), "cannot load weights"
+        invoke(["export", broken, "--out", copy, "--force"]), "does not match its recorded sha256"
     )
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from edgegen.checkpoint import write_model_files
 from edgegen.cli import main
 from edgegen.config import FAMILIES, RNN_CELLS, preset
-from edgegen.errors import ExportError, ParityError
+from edgegen.errors import ExportError, OutputError, ParityError
 from edgegen.export import FORMATS, export_bundle
 from edgegen.export import writer as export_writer
 from edgegen.export.onnx import export_onnx
@@ -137,7 +137,7 @@ def test_existing_bundle_needs_force(tmp_path, checkpoints):
     out = tmp_path / "b"
     export_bundle(checkpoints["gru"], out, formats=["onnx"])
     before = (out / "manifest.json").read_bytes()
-    with pytest.raises(ExportError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):
         export_bundle(checkpoints["gru"], out, formats=["onnx"])
     assert (out / "manifest.json").read_bytes() == before
     export_bundle(checkpoints["gru"], out, formats=["torchscript"], force=True)
@@ -174,7 +174,7 @@ def test_perturbed_weight_fails_the_gate_and_publishes_nothing(tmp_path, checkpo
 def test_bad_export_requests(tmp_path, checkpoints):
     with pytest.raises(ExportError, match="unknown format"):
         export_bundle(checkpoints["gru"], tmp_path / "b", formats=["tflite"])
-    with pytest.raises(ExportError, match="opset 13 is too old"):
+    with pytest.raises(ExportError, match="opset must be between 18 and 23, got 13"):
         export_bundle(checkpoints["gpt-learned"], tmp_path / "b", formats=["onnx"], opset=13)
     with pytest.raises(ExportError, match="exceeds the model's context"):
         export_bundle(checkpoints["gpt-learned"], tmp_path / "b", max_seq_len=4096)

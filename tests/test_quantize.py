@@ -56,14 +56,24 @@ def test_quantized_artifacts_pass_their_gates_and_shrink(quantized, name):
         assert artifact.quantization["method"]
     onnx_int8 = manifest.artifact("onnx", "int8")
     assert onnx_int8.quantization["quantized_fraction"] > 0.95
-    assert "MatMulInteger" in onnx_int8.quantization["quantized_ops"]
+    int8_op = "MatMulInteger" if name != "gpt" else "MatMulNBits"  # block-wise for transformers
+    assert int8_op in onnx_int8.quantization["quantized_ops"]
     assert (
         "MatMulNBits" in manifest.artifact("onnx", "int4").quantization["quantized_ops"]
         or name != "gpt"
     )
 
 
-@pytest.mark.parametrize("name", ["gpt", "lstm"])
+def test_transformer_int8_is_block_wise_with_the_head(quantized):
+    _, manifest = quantized["gpt"]
+    model = onnx.load(str(manifest.path_of(manifest.artifact("onnx", "int8"))))
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(a.i == 8 for n in nbits for a in n.attribute if a.name == "bits")
+    assert manifest.artifact("onnx", "int8").quantization["head"] == "int8"
+    assert "the output head included" in manifest.artifact("onnx", "int8").quantization["method"]
+
+
+@pytest.mark.parametrize("name", ["lstm"])
 def test_int8_ends_in_fused_integer_kernels(quantized, name, tmp_path):
     import onnxruntime as ort
 
@@ -108,23 +118,17 @@ def test_torchscript_int8_reports_what_it_quantized(quantized):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_weight_only_dequantization_is_folded_at_load(quantized, name):
-    """ORT has no integer RNN kernels and a GPT int8 graph dequantizes its embedding:
-    those artifacts ask ORT to fold their weight-only DequantizeLinear at load (not an
-    int4 GPT: MatMulNBits runs faster unfolded), and the runtime and the gates open
-    them so."""
+    """ORT has no integer RNN kernels and a quantized GPT graph dequantizes its embedding:
+    those artifacts ask ORT to fold their weight-only DequantizeLinear at load (a GPT's
+    head is MatMulNBits, which stays), and the runtime and the gates open them so."""
     _, manifest = quantized[name]
     for precision in ("int8", "int4"):
-        folds = not (name.startswith("gpt") and precision == "int4")
-        want = {"session.disable_quant_qdq": "1"} if folds else None
+        want = {"session.disable_quant_qdq": "1"}
         artifact = manifest.artifact("onnx", precision)
         assert artifact.session_config == want
         gen = edgegen.runtime.load(manifest.directory, precision=precision)
         entries = gen.runner.session.get_session_options()
-        if want:
-            assert entries.get_session_config_entry("session.disable_quant_qdq") == "1"
-        else:
-            with pytest.raises(RuntimeError, match="does not have configuration"):
-                entries.get_session_config_entry("session.disable_quant_qdq")
+        assert entries.get_session_config_entry("session.disable_quant_qdq") == "1"
 
 
 @pytest.mark.parametrize("name", ["gpt", "lstm"])

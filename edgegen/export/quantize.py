@@ -1,12 +1,14 @@
 """Quantized artifacts from the fp32 ones, and what each quantization covered.
 
-    onnx int8         ONNX Runtime dynamic quantization: MatMul -> MatMulInteger with
-                      per-channel int8 weights; the embedding and the weights of native
-                      RNN/GRU/LSTM ops (which ORT's quantizer skips) stored int8 with
-                      per-row scales behind a DequantizeLinear (weight-only)
-    onnx int4         MatMulNBits (block-wise int4, block 32 by default) for every
-                      MatMul but the output head; RNN weights int4 in blocks behind a
-                      DequantizeLinear (opset 21); head and embedding int8 per row
+    onnx int8         GPT: MatMulNBits 8-bit (block-wise) for every MatMul, the head
+                      included; embedding int8 per row. RNN: ONNX Runtime dynamic quantization
+                      (MatMul -> MatMulInteger, per-channel int8 weights); the embedding
+                      and the weights of native RNN/GRU/LSTM ops (which ORT's quantizer
+                      skips) stored int8 with per-row scales behind a DequantizeLinear
+    onnx int4         MatMulNBits (block-wise int4, block 32 by default; HQQ-fitted
+                      asymmetric blocks for transformers) for every MatMul but the
+                      output head; RNN weights int4 in blocks behind a DequantizeLinear
+                      (opset 21); head and embedding int8 per row
     onnx fp16         float16 weights and compute, float32 inputs and outputs (GPU)
     torchscript int8  torch dynamic quantization of Linear, GRU and LSTM layers and an
                       8-bit embedding, then traced like fp32
@@ -55,9 +57,9 @@ def quantize_onnx(
         prepared = Path(tmp) / "prepared.onnx"
         onnx.save(model, str(prepared))
         if precision == "int8":
-            method = _onnx_int8(prepared, dst)
+            method = _onnx_int8(prepared, dst, block_size, accuracy_level)
         elif precision == "int4":
-            method = _onnx_int4(prepared, dst, block_size, accuracy_level)
+            method = _onnx_nbits(prepared, dst, 4, block_size, accuracy_level)
         elif precision == "fp16":
             method = _onnx_fp16(prepared, dst)
         else:
@@ -74,13 +76,22 @@ def _folds_at_load(model: onnx.ModelProto) -> bool:
     """Whether ONNX Runtime should fold the graph's weight-only DequantizeLinear into
     float weights at load. ORT has no integer GRU/LSTM/RNN kernel, so unfolded, every
     step dequantizes every RNN weight (3.7x slower than fp32 for int8 on a small GRU);
-    a GPT int8 graph dequantizes its whole embedding table per step (folded: 4-6% faster,
-    identical logits). With MatMulNBits (int4 GPT) folding was measured slower."""
-    ops = {n.op_type for n in model.graph.node}
-    return "DequantizeLinear" in ops and "MatMulNBits" not in ops
+    a GPT graph dequantizes its whole embedding table per step (folded: 4-6% faster on a
+    tiny model, identical logits; the heads of quantized GPTs are MatMulNBits, never a
+    DequantizeLinear, so folding never turns a head back into float32)."""
+    return any(n.op_type == "DequantizeLinear" for n in model.graph.node)
 
 
-def _onnx_int8(src: Path, dst: Path) -> str:
+def _onnx_int8(src: Path, dst: Path, block_size: int, accuracy_level: int) -> str:
+    """Transformers: MatMulNBits 8-bit for every MatMul, the head included. ORT's dynamic
+    quantization scales each activation tensor as a whole, and the outlier channels of
+    pretrained models leave the rest of it a few levels (SmolLM2-135M: top-1 54%,
+    perplexity +81%); block-wise weights keep them apart. A per-row int8 head cost
+    SmolLM2 2 points of top-1 agreement over a block-wise one. RNNs keep dynamic
+    quantization (their MatMuls are the head alone)."""
+    model = onnx.load(str(src))
+    if not _is_rnn(model):
+        return _onnx_nbits(src, dst, 8, block_size, accuracy_level)
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
@@ -101,40 +112,74 @@ def _onnx_int8(src: Path, dst: Path) -> str:
     )
 
 
-def _onnx_int4(src: Path, dst: Path, block_size: int, accuracy_level: int) -> str:
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
+def _is_rnn(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in RNN_OPS for n in model.graph.node)
+
+
+def _onnx_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int) -> str:
+    """MatMulNBits weights. Transformer int4 fits each block's scale and (float) zero point
+    by HQQ's half-quadratic search rather than rounding to the nearest of a symmetric
+    grid: on SmolLM2-135M (weights from a Q4_1 GGUF) round-to-nearest cost +21% perplexity
+    and HQQ none, since its asymmetric blocks can land on the grid the weights came from."""
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ExportError(f"int{bits} block size must be a power of two >= 16, got {block_size}")
+    model = onnx.load(str(src))
+    rnn = _is_rnn(model)
+    if rnn:  # int4 DequantizeLinear (for the RNN weights) needs opset 21
+        model = version_converter.convert_version(model, 21)
+    head = output_head(model)
+    hqq = bits == 4 and not rnn
+    # int4 keeps the head at 8 bits: in int4 it cost a tiny model over 8% perplexity
+    keep_head = head is not None and bits == 4
+    model = _nbits_pass(model, bits, block_size, accuracy_level, hqq, exclude=keep_head and head)
+    kept_int8 = quantize_rnn_weights_int4(model, block_size) if bits == 4 else []
+    quantize_embeddings(model)
+    if keep_head and rnn:  # per row, folded at load like the RNN weights
+        dequantize_int8(model, next(n for n in model.graph.node if n.name == head.name), 1, axis=1)
+    elif keep_head:  # block-wise: a per-row int8 head cost SmolLM2 2 points of top-1
+        model = _nbits_pass(model, 8, block_size, accuracy_level, False, include=head)
+    onnx.save(model, str(dst))
+    fit = "HQQ-fitted asymmetric" if hqq else "symmetric"
+    return (
+        f"MatMulNBits int{bits} ({fit} blocks of {block_size}, accuracy level "
+        f"{accuracy_level}) for every MatMul"
+        + (" but the output head, which is int8" if keep_head else ", the output head included")
+        + (" with per-row scales" if keep_head and rnn else " in blocks" if keep_head else "")
+        + ("; RNN weights int4 in blocks of the same size" if rnn else "")
+        + "; embedding int8 with per-row scales"
+        + (f"; int8 instead of int4: {kept_int8}" if kept_int8 else "")
     )
 
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ExportError(f"int4 block size must be a power of two >= 16, got {block_size}")
-    config = DefaultWeightOnlyQuantConfig(
+
+def _nbits_pass(model, bits, block_size, accuracy_level, hqq, exclude=None, include=None):
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        algo_config=_nbits_config(bits, block_size, accuracy_level, hqq),
+        nodes_to_exclude=[exclude.name] if exclude else [],
+        nodes_to_include=[include.name] if include else None,
+        accuracy_level=accuracy_level,
+    )
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _nbits_config(bits: int, block_size: int, accuracy_level: int, hqq: bool):
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+    )
+
+    where = dict(op_types_to_quantize=("MatMul",), quant_axes=(("MatMul", 0),))
+    if hqq:
+        return HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, **where)
+    return DefaultWeightOnlyQuantConfig(
         block_size=block_size,
         is_symmetric=True,
         accuracy_level=accuracy_level,
-        op_types_to_quantize=("MatMul",),
-        quant_axes=(("MatMul", 0),),
-    )
-    model = onnx.load(str(src))
-    rnn_nodes = [n for n in model.graph.node if n.op_type in RNN_OPS]
-    if rnn_nodes:  # int4 DequantizeLinear (for the RNN weights) needs opset 21
-        model = version_converter.convert_version(model, 21)
-    head = output_head(model)
-    excluded = [head.name] if head is not None else []
-    quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=excluded)
-    quantizer.process()
-    model = quantizer.model.model
-    kept_int8 = quantize_rnn_weights_int4(model, block_size)
-    quantize_embeddings(model)
-    if head is not None:
-        dequantize_int8(model, next(n for n in model.graph.node if n.name == head.name), 1, axis=1)
-    onnx.save(model, str(dst))
-    return (
-        f"MatMulNBits int4 (block {block_size}, accuracy level {accuracy_level}) for every "
-        "MatMul but the output head; RNN weights int4 in blocks of the same size; head "
-        "and embedding int8 with per-row scales (int4 there cost a tiny model over 8% "
-        "perplexity)" + (f"; int8 instead of int4: {kept_int8}" if kept_int8 else "")
+        bits=bits,
+        **where,
     )
 
 
@@ -326,7 +371,7 @@ def _head_storage(model: onnx.ModelProto) -> str:
     if head is None:
         return "none"
     if head.op_type == "MatMulNBits":
-        return "int4"
+        return f"int{next((a.i for a in head.attribute if a.name == 'bits'), 4)}"
     if head.op_type in ("MatMulInteger", "DynamicQuantizeMatMul"):
         return "int8"
     producers = {out: node for node in model.graph.node for out in node.output}

@@ -17,8 +17,8 @@ def bundle_summary(manifest: Manifest) -> str:
         size = f"{artifact.bytes / 1e6:7.2f} MB"
         if artifact.precision == "fp32":
             result = (
-                f"max |diff| {report['max_abs_diff']:.1e} <= {report['tolerance']:.0e} "
-                f"over {len(report['checks'])} checks"
+                f"max |diff| {report['max_abs_diff']:.1e} ({report['relative']:.1e} of the "
+                f"logits' scale) <= {report['tolerance']:.0e} over {len(report['checks'])} checks"
             )
         else:
             q = report["quality"]

@@ -20,7 +20,7 @@ import edgegen
 from edgegen.checkpoint import load_checkpoint
 from edgegen.config import GPTConfig, config_to_dict
 from edgegen.errors import BundleError, ExportError, ParityError
-from edgegen.export.onnx import DEFAULT_OPSET, export_onnx
+from edgegen.export.onnx import DEFAULT_OPSET, check_opset, export_onnx
 from edgegen.export.parity import (
     QUALITY_GATES,
     artifact_runner,
@@ -44,6 +44,7 @@ from edgegen.export.quantize import FILENAMES as QUANTIZED_FILENAMES
 from edgegen.export.spec import step_spec
 from edgegen.export.torchscript import export_torchscript, model_from_torchscript
 from edgegen.files import sha256_file, write_atomically, write_json
+from edgegen.output import claim_output
 from edgegen.runtime.backends import cuda_provider_available
 from edgegen.runtime.generator import default_generation_config
 from edgegen.runtime.manifest import (
@@ -85,11 +86,16 @@ def export_bundle(
     formats = _check_formats(formats)
     quantize = quantize or QuantizeOptions()
     quantize.validate(formats)
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; pass --force to replace it")
-    if out.resolve() == Path(checkpoint).resolve():
-        raise ExportError("the bundle cannot replace its own checkpoint directory")
-    model, tokenizer = load_checkpoint(checkpoint)
+    if "onnx" in formats:
+        check_opset(opset)
+    with claim_output(out, "bundle", inputs=[checkpoint], force=force):
+        model, tokenizer = load_checkpoint(checkpoint)
+        return _export_claimed(
+            model, tokenizer, out, formats, opset, max_seq_len, on_artifact, quantize
+        )
+
+
+def _export_claimed(model, tokenizer, out, formats, opset, max_seq_len, on_artifact, quantize):
     context = _context_length(model.config, max_seq_len)
     spec = step_spec(model)
 
@@ -214,6 +220,12 @@ def quantize_bundle(
 
     Without `checkpoint`, the eager model is rebuilt from the bundle's fp32 TorchScript
     artifact, whose weights are the exported ones (it passed the parity gate)."""
+    inputs = [checkpoint] if checkpoint is not None else []
+    with claim_output(bundle, "bundle", inputs=inputs, existing=True):
+        return _quantize_claimed(Path(bundle), checkpoint, options, on_artifact)
+
+
+def _quantize_claimed(bundle: Path, checkpoint, options: QuantizeOptions, on_artifact) -> Manifest:
     manifest = read_manifest(bundle)
     if checkpoint is None:
         model = model_from_torchscript(manifest.path_of(_traced(manifest)), manifest.config)

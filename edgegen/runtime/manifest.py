@@ -18,7 +18,8 @@ from typing import Any
 
 from edgegen.config import GPTConfig, ModelConfig, config_from_dict
 from edgegen.errors import BundleError, EdgegenError
-from edgegen.files import recover_interrupted, sha256_file
+from edgegen.files import sha256_file
+from edgegen.output import try_recover
 from edgegen.runtime.onnx_refs import external_data_locations
 from edgegen.tokenizer import Tokenizer, read_tokenizer, spec_type
 
@@ -102,7 +103,7 @@ def read_manifest(directory: str | Path, verify_hashes: bool = True) -> Manifest
     """Read and validate a bundle's manifest; with `verify_hashes`, check every artifact file
     and the tokenizer's (else the tokenizer's is checked when first used)."""
     directory = Path(directory)
-    recover_interrupted(directory)
+    try_recover(directory)
     if not directory.is_dir():
         raise BundleError(f"bundle directory not found: {directory}")
     path = directory / MANIFEST_FILE
