@@ -109,7 +109,7 @@ def test_torchscript_loads_without_edgegen(tmp_path, checkpoints, name):
 def test_manifest_records_the_contract(tmp_path, checkpoints):
     manifest = export_bundle(checkpoints["gpt-learned"], tmp_path / "b", max_seq_len=64)
     data = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert data["format"] == "edgegen-bundle" and data["format_version"] == 2
+    assert data["format"] == "edgegen-bundle" and data["format_version"] == 3
     assert data["model"]["family"] == "gpt" and data["model"]["config"]["dim"] == 32
     assert data["tokenizer"]["spec"]["type"] == "byte"
     sig = data["signature"]

@@ -210,4 +210,4 @@ def test_cli_verify_failure_exits_non_zero(gpt_copy):
     (bundle / "model.onnx").write_bytes(b"not a model")
     result = CliRunner().invoke(main, ["verify", str(bundle), "--checkpoint", str(ckpt)])
     assert result.exit_code == 1
-    assert "FAIL" in result.stdout and result.stderr.strip() == "error: 1 of 2 checks failed"
+    assert "FAIL" in result.stdout and result.stderr.strip() == "error: 1 of 3 checks failed"
