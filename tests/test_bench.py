@@ -162,3 +162,18 @@ def test_cuda_rows(trained_bundles):
         quick(bundle, ckpt, device="cuda", backends=("eager", "torchscript")), progress=False
     )
     assert report["same_tokens"]
+
+
+@pytest.mark.parametrize("kind", ["byte", "hf"])
+def test_bench_prompts_have_the_asked_length_in_tokens(kind):
+    from edgegen.bench.worker import bench_prompts
+    from edgegen.tokenizer import ByteTokenizer, HFTokenizer
+    from tests.hf_tokenizers import byte_level_bpe
+
+    tokenizer = (
+        ByteTokenizer() if kind == "byte" else HFTokenizer.from_hf(byte_level_bpe(), {}, {})
+    )
+    prompts = bench_prompts(tokenizer, 3, 32)
+    assert len(set(prompts)) == 3
+    for prompt in prompts:
+        assert len(tokenizer.encode(prompt, bos=tokenizer.add_bos)) == 32

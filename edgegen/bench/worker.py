@@ -42,10 +42,20 @@ class TimedRunner:
 SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
 
 
-def bench_prompts(batch: int, prompt_len: int) -> list[str]:
-    """`batch` prompts of `prompt_len` tokens with BOS (a byte tokenizer: one byte a token)."""
-    text = PASSAGE * (prompt_len // len(PASSAGE) + 1)
-    return [text[row : row + prompt_len - 1] for row in range(batch)]
+def bench_prompts(tokenizer, batch: int, prompt_len: int) -> list[str]:
+    """`batch` different prompts of `prompt_len` tokens each, BOS included when the model
+    adds one, whatever the tokenizer (the longest piece of the passage that fits)."""
+    want = prompt_len - int(tokenizer.add_bos)
+    text = PASSAGE * (prompt_len // 8 + 2)  # no tokenizer packs more than 8 bytes a token
+    prompts = []
+    for row in range(batch):
+        lo, hi = 1, len(text) - row  # the most characters that encode to <= want tokens
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            fits = len(tokenizer.encode(text[row : row + mid])) <= want
+            lo, hi = (mid, hi) if fits else (lo, mid - 1)
+        prompts.append(text[row : row + lo])
+    return prompts
 
 
 def load_generator(row: dict[str, Any]):
@@ -69,7 +79,7 @@ def measure(row: dict[str, Any]) -> dict[str, Any]:
     generator = load_generator(row)
     load_s = time.perf_counter() - start
     timed = generator.runner = TimedRunner(generator.runner)
-    prompts = bench_prompts(row["batch"], row["prompt_len"])
+    prompts = bench_prompts(generator.tokenizer, row["batch"], row["prompt_len"])
     params = dict(temperature=0, max_new_tokens=row["new_tokens"], ignore_eos=True)
     if row["sample"]:  # seeded, so every row still draws the same tokens
         params.update(SAMPLING, seed=0)
