@@ -22,8 +22,11 @@ from edgegen.tokenizer import Tokenizer
 
 
 def tokenize_documents(docs: list[str], tokenizer: Tokenizer) -> list[np.ndarray]:
-    """Each document as [BOS] bytes [EOS]: the model learns where documents start and end."""
-    return [np.array(tokenizer.encode(d, bos=True, eos=True), dtype=np.int64) for d in docs]
+    """Each document as [BOS] tokens [EOS]: the model learns where documents start and end.
+    BOS only where the tokenizer's prompts start with it, so training sees what prompts do."""
+    return [
+        np.array(tokenizer.encode(d, bos=tokenizer.add_bos, eos=True), dtype=np.int64) for d in docs
+    ]
 
 
 class WindowBatches:

@@ -111,17 +111,26 @@ def main(ctx: click.Context, debug: bool) -> None:
     default=None,
     help="Text file or folder of text files [default: the embedded corpus].",
 )
+@click.option(
+    "--init",
+    type=click.Path(),
+    default=None,
+    help="Fine-tune this checkpoint: keep its architecture and tokenizer.",
+)
 @click.option("--steps", type=int, default=1000, show_default=True, help="Total optimizer steps.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option(
-    "--seq-len", type=int, default=None, help="GPT training window [default: max_seq_len]."
+    "--seq-len",
+    type=int,
+    default=None,
+    help="GPT training window [default: max_seq_len; with --init at most 256].",
 )
 @click.option("--bptt", type=int, default=64, show_default=True, help="RNN truncated-BPTT length.")
 @click.option(
     "--lr",
     type=float,
     default=None,
-    help="Peak learning rate [default: 3e-3 tiny, 2e-3 small, 6e-4 base].",
+    help="Peak learning rate [default: 3e-3 tiny, 2e-3 small, 6e-4 base; 1e-4 with --init].",
 )
 @click.option("--eval-interval", type=int, default=100, show_default=True)
 @click.option(
@@ -145,7 +154,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint in --out.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def train_command(overrides, resume, force, quiet, **kwargs) -> None:
-    """Train a model (or resume one) and write its checkpoint."""
+    """Train a model (or resume one, or fine-tune one with --init) and write its checkpoint."""
     from edgegen.train import TrainOptions, train
 
     options = TrainOptions(overrides=dict(parse_override(o) for o in overrides), **kwargs)

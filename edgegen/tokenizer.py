@@ -43,6 +43,7 @@ class ByteTokenizer:
         self.vocab_size = 259
         self.tokenizer_size = 259  # ids the tokenizer itself defines
         self.eos_ids = (self.eos_id,)
+        self.special_ids = frozenset((self.bos_id, self.eos_id, self.pad_id))  # no text
 
     def encode(self, text: str | bytes, *, bos: bool = False, eos: bool = False) -> list[int]:
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
@@ -121,6 +122,8 @@ class HFTokenizer:
         self._tokens = tokens + [None] * (self.vocab_size - len(tokens))
         self._bytes = [b"" if t is None else self._chain.piece(t) for t in self._tokens]
         self._byte_ids = _byte_ids(tokens) if self._chain.byte_fallback else frozenset()
+        # ids that stand for no text: a byte token is text even where HF marks it special
+        self.special_ids = _special_ids(self._backend) - self._byte_ids
         self._read_spec(spec)
 
     @classmethod
@@ -456,6 +459,10 @@ def _tokens_by_id(backend: Backend) -> list[str | None]:
     nothing uses."""
     size = max(backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1
     return [backend.id_to_token(i) for i in range(size)]
+
+
+def _special_ids(backend: Backend) -> frozenset[int]:
+    return frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
 
 
 def _model_rows(vocab_size: int | None, tokenizer_size: int) -> int:

@@ -1,5 +1,7 @@
 """Training loop (CPU, CUDA with bf16 autocast): AdamW, warm-up + cosine schedule,
-gradient clipping, periodic validation in bits per byte, exact resume.
+gradient clipping, periodic validation in bits per byte, exact resume. A run starts
+from a new model (byte tokenizer) or, fine-tuning, from a checkpoint (`init`), whose
+architecture and tokenizer it keeps.
 
 A checkpoint holds the model files (checkpoint.py) plus `train_state.json`,
 `train_state.safetensors` (optimizer moments, RNG, carried RNN state) and
@@ -22,12 +24,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, load_model, save_file
+from safetensors.torch import load_file, save_file
 
 import edgegen
 from edgegen.batches import DocumentBatches, WindowBatches, eval_windows, tokenize_documents
-from edgegen.checkpoint import REQUIRED_FILES, WEIGHTS_FILE, write_model_files
-from edgegen.config import GPTConfig, ModelConfig, preset
+from edgegen.checkpoint import REQUIRED_FILES, load_checkpoint, write_model_files
+from edgegen.config import PRESETS, GPTConfig, ModelConfig, config_to_dict, preset
 from edgegen.corpus import Corpus, load_corpus
 from edgegen.errors import CheckpointError, ConfigError, TrainingError
 from edgegen.files import check_seal, seal, write_atomically, write_json
@@ -39,9 +41,11 @@ from edgegen.tokenizer import ByteTokenizer, Tokenizer
 STATE_FILE = "train_state.json"
 STATE_TENSORS_FILE = "train_state.safetensors"
 LOG_FILE = "train_log.json"
-TRAIN_STATE_VERSION = 1
+TRAIN_STATE_VERSION = 2  # 2: `init`; the model and tokenizer come from the checkpoint
 MAX_LR = 10.0  # far above any useful rate; larger ones only overflow
 DEFAULT_LR = {"tiny": 3e-3, "small": 2e-3, "base": 6e-4}  # smaller models take larger steps
+INIT_LR = 1e-4  # fine-tuning: small steps keep what the checkpoint already knows
+INIT_SEQ_LEN = 256  # fine-tuning window cap: an imported 8192 context is slow to train on
 
 
 @dataclass
@@ -51,12 +55,13 @@ class TrainOptions:
     preset: str = "tiny"  # size preset (config.PRESETS)
     overrides: dict[str, Any] = field(default_factory=dict)  # model config fields
     data: str | None = None  # text file or folder; None = the embedded corpus
+    init: str | None = None  # checkpoint to fine-tune; None = a new model
     out: str = "runs/model"  # checkpoint directory
     steps: int = 1000  # total optimizer steps
     batch_size: int = 32
-    seq_len: int | None = None  # GPT window; None = the model's max_seq_len
+    seq_len: int | None = None  # GPT window; None = max_seq_len (with init: <= INIT_SEQ_LEN)
     bptt: int = 64  # RNN truncated-BPTT length
-    lr: float | None = None  # peak learning rate; None = DEFAULT_LR of the preset
+    lr: float | None = None  # peak learning rate; None = DEFAULT_LR of the preset, or INIT_LR
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int | None = None  # None = min(100, steps // 10)
     weight_decay: float = 0.1
@@ -90,7 +95,16 @@ class TrainOptions:
 
     @property
     def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR.get(self.preset, 1e-3)
+        if self.lr is not None:
+            return self.lr
+        return INIT_LR if self.init else DEFAULT_LR.get(self.preset, 1e-3)
+
+    def window(self, config: GPTConfig) -> int:
+        """The GPT training window: seq_len, else the model's whole context (capped when
+        fine-tuning, since an imported model's context can be thousands of tokens)."""
+        if self.seq_len is not None:
+            return self.seq_len
+        return min(config.max_seq_len, INIT_SEQ_LEN) if self.init else config.max_seq_len
 
     def model_config(self) -> ModelConfig:
         extra = {"cell": self.cell} if self.family == "rnn" else {}
@@ -117,13 +131,15 @@ def train(
 ) -> TrainResult:
     """Train (or resume) a model and write its checkpoint to `options.out`.
 
+    With `options.init` the run starts from that checkpoint (fine-tuning): its config
+    and tokenizer, which family, cell, preset and overrides may only repeat.
     On resume the saved options are used; only `steps` (the new total), `device`
     and the evaluation/save intervals come from `options`, and any other option set
     to a value that differs from the saved run is refused. `on_step(step, loss)`
     returning True stops the run after saving a checkpoint, as Ctrl-C does.
     """
     out = Path(options.out)
-    inputs = [options.data] if options.data else []
+    inputs = [path for path in (options.data, options.init) if path]
     if resume and not (out / STATE_FILE).is_file() and not out.is_symlink():
         try_recover(out)
         if not (out / STATE_FILE).is_file():
@@ -138,21 +154,71 @@ def _train_claimed(options: TrainOptions, resume: bool, progress: bool, on_step)
     if saved is not None:
         options = _resumed_options(saved["options"], options)
     options.validate()
-    config = options.model_config()
     device = resolve_device(options.device)
+    torch.manual_seed(options.seed)
+    model, tokenizer = _starting_model(options, saved is not None, device)
+    if options.init and saved is None:
+        options = _init_options(options, model.config)
     corpus = load_corpus(options.data)
     if saved is not None and saved["corpus"] != corpus.fingerprint():
         raise CheckpointError(f"the training text changed since {out} was saved; cannot resume")
-
-    torch.manual_seed(options.seed)
-    tokenizer = ByteTokenizer()
-    model = build_model(config).to(device)
-    task = make_task(options, config, corpus, tokenizer, device)
+    task = make_task(options, model.config, corpus, tokenizer, device)
     optimizer = make_optimizer(model, options)
     run = Run(options, model, optimizer, task, tokenizer, corpus, device)
     if saved is not None:
         run.restore(out, saved)
     return run.loop(progress, on_step)
+
+
+def _starting_model(options: TrainOptions, resumed: bool, device: torch.device):
+    """(model, tokenizer) a run starts from: a resumed run's own checkpoint (so a
+    fine-tuned one keeps its tokenizer), the init checkpoint, or a new model with the
+    byte tokenizer. Checkpoints are checked against their hashes as they load."""
+    if resumed:
+        return load_checkpoint(options.out, device)
+    if options.init:
+        return load_checkpoint(options.init, device)
+    return build_model(options.model_config()).to(device), ByteTokenizer()
+
+
+def _init_options(options: TrainOptions, config: ModelConfig) -> TrainOptions:
+    """Refuse an architecture option that contradicts the init checkpoint; the options
+    then name its family and cell, so a resume compares them with what was trained."""
+    default, fields = TrainOptions(), config_to_dict(config)
+    asked = {
+        name: getattr(options, name)
+        for name in ("family", "cell")
+        if getattr(options, name) != getattr(default, name)
+    }
+    for name, value in {**asked, **options.overrides}.items():
+        if name not in fields:
+            raise ConfigError(f"--init {options.init} is a {config.family} model: it has no {name}")
+        if value != fields[name]:
+            _contradicts(options.init, name, value, fields[name])
+    if options.preset != default.preset:
+        _check_preset(options, config)
+    return dataclasses.replace(options, family=config.family, cell=fields.get("cell", default.cell))
+
+
+def _check_preset(options: TrainOptions, config: ModelConfig) -> None:
+    """A preset names sizes: it may be given only when the checkpoint has those sizes."""
+    extra = {"cell": config.cell} if config.family == "rnn" else {}
+    sized, fields = (
+        config_to_dict(preset(config.family, options.preset, **extra)),
+        config_to_dict(config),
+    )
+    for name in PRESETS[config.family][options.preset]:
+        if sized[name] != fields[name]:
+            _contradicts(
+                options.init, f"--preset {options.preset}'s {name}", sized[name], fields[name]
+            )
+
+
+def _contradicts(init: str | None, name: str, value: Any, has: Any) -> None:
+    raise ConfigError(
+        f"--init {init} keeps its own architecture: {name}={value!r} contradicts its "
+        f"{name.split()[-1]}={has!r} (leave the option out)"
+    )
 
 
 RESUME_KEEPS = ("steps", "device", "eval_interval", "save_interval", "out")
@@ -323,8 +389,8 @@ class Run:
         write_atomically(Path(self.options.out), fill)
 
     def restore(self, directory: Path, saved: dict[str, Any]) -> None:
+        """The optimizer, RNG and carried state (the weights came with the model)."""
         try:
-            load_model(self.model, str(directory / WEIGHTS_FILE), device=str(self.device))
             tensors = load_file(str(directory / STATE_TENSORS_FILE))
             self.log = json.loads((directory / LOG_FILE).read_text())
         except Exception as e:  # any damage: one message, not a traceback
@@ -354,8 +420,18 @@ def make_task(options, config, corpus: Corpus, tokenizer: Tokenizer, device):
     train_docs = tokenize_documents(corpus.train, tokenizer)
     val_docs = tokenize_documents(corpus.val, tokenizer)
     if isinstance(config, GPTConfig):
-        return WindowTask(options, config, train_docs, val_docs, device)
+        return WindowTask(options, config, train_docs, val_docs, tokenizer, device)
     return DocumentTask(options, train_docs, val_docs, tokenizer, device)
+
+
+def text_bytes(tokenizer: Tokenizer, device) -> torch.Tensor:
+    """The bytes of text each id stands for, so validation reports bits per byte for
+    any tokenizer: a byte id 1, a BPE token its UTF-8 length, a special token 0."""
+    special = tokenizer.special_ids
+    lengths = [
+        0 if i in special else len(tokenizer.decode_bytes([i])) for i in range(tokenizer.vocab_size)
+    ]
+    return torch.tensor(lengths, dtype=torch.int64, device=device)
 
 
 class WindowTask:
@@ -363,12 +439,13 @@ class WindowTask:
 
     carry: tuple[torch.Tensor, ...] = ()
 
-    def __init__(self, options, config: GPTConfig, train_docs, val_docs, device) -> None:
-        self.seq_len = options.seq_len or config.max_seq_len
+    def __init__(self, options, config: GPTConfig, train_docs, val_docs, tokenizer, device):
+        self.seq_len = options.window(config)
         if self.seq_len > config.max_seq_len:
             raise ConfigError(f"seq_len {self.seq_len} exceeds max_seq_len {config.max_seq_len}")
         self.batches = WindowBatches(train_docs, self.seq_len, options.batch_size, options.seed)
         self.val_docs, self.options, self.device = val_docs, options, device
+        self.bytes_of = text_bytes(tokenizer, device)
 
     def loss(self, model, step: int):
         x, y = (torch.from_numpy(a).to(self.device) for a in self.batches.train_batch(step))
@@ -383,7 +460,7 @@ class WindowTask:
             logits = model(x)[0].float()
             nll += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
             n_targets += y.numel()
-            n_bytes += int((y < 256).sum())
+            n_bytes += int(self.bytes_of[y].sum())
         return nll, n_targets, n_bytes
 
 
@@ -395,6 +472,7 @@ class DocumentTask:
         self.batches = DocumentBatches(train_docs, seed=options.seed, **common)
         self.val_batches = DocumentBatches(val_docs, seed=options.seed, **common)
         self.options, self.device = options, device
+        self.bytes_of = text_bytes(tokenizer, device)
         self.carry: tuple[torch.Tensor, ...] = ()
 
     def loss(self, model, step: int):
@@ -411,7 +489,7 @@ class DocumentTask:
                 logits.flatten(0, 1).float(), y.flatten(), reduction="sum"
             ).item()
             n_targets += int((y >= 0).sum())
-            n_bytes += int(((y >= 0) & (y < 256)).sum())
+            n_bytes += int(self.bytes_of[y[y >= 0]].sum())
         return nll, n_targets, n_bytes
 
     def _run(self, model, chunk, carry):
