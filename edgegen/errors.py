@@ -43,6 +43,15 @@ class GenerationError(EdgegenError, ValueError):
     """A generation request cannot be served (e.g. it does not fit the context)."""
 
 
+class ContextError(GenerationError):
+    """A prompt (or a conversation's history) and its new tokens do not fit the context."""
+
+
+class ChatError(GenerationError):
+    """A chat cannot be rendered: no chat template, malformed messages, or the template
+    refused them."""
+
+
 class BundleError(EdgegenError):
     """A bundle or its manifest is missing, damaged, or not one this edgegen reads."""
 

@@ -182,6 +182,13 @@ class HFTokenizer:
         """Never None: the runtime pads finished rows with it."""
         return next(i for i in (self._pad, self.eos_id, 0) if i is not None)
 
+    def special_tokens(self) -> dict[str, str]:
+        """The special tokens' texts under HF's names (bos_token, eos_token, pad_token),
+        as chat templates read them; tokens the tokenizer does not set are left out."""
+        ids = {"bos_token": self.bos_id, "eos_token": self._eos, "pad_token": self._pad}
+        texts = {name: self._tokens[i] for name, i in ids.items() if i is not None}
+        return {name: text for name, text in texts.items() if text is not None}
+
     def encode(self, text: str | bytes, *, bos: bool = False, eos: bool = False) -> list[int]:
         """HF's ids for `text`; `bos`/`eos` add those tokens when the tokenizer has them."""
         text = _text(text)

@@ -4,7 +4,9 @@
 
 `generate` returns a result, `stream` yields text pieces as tokens arrive (never
 half a UTF-8 character, never text that may turn out to start a stop string),
-`generate_batch` serves prompts of different lengths in one batch.
+`generate_batch` serves prompts of different lengths in one batch. `chat`,
+`stream_chat` and `chat_batch` do the same for conversations, through the model's
+chat template (runtime/chat.py).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import codecs
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
-from edgegen.errors import GenerationError, SamplingError
+from edgegen.errors import ChatError, ContextError, GenerationError, SamplingError
+from edgegen.runtime.chat import ChatTemplate, Message
 from edgegen.runtime.decoder import Decoder, StepRunner
 from edgegen.runtime.sampler import Sampler, SamplingParams
 from edgegen.tokenizer import Tokenizer
@@ -57,13 +61,49 @@ class Generator:
         return self.generate_batch([prompt], **sampling)[0]
 
     def generate_batch(self, prompts: list[str], **sampling: Any) -> list[GenerationResult]:
+        _check_batch(prompts, "generate_batch needs a non-empty list of prompts")
+        return self._complete([self.encode_prompt(p) for p in prompts], sampling)
+
+    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+        yield from self._stream(Run(self, [self.encode_prompt(prompt)], sampling))
+
+    def chat(self, messages: list[Message], **sampling: Any) -> GenerationResult:
+        """The assistant's answer to `messages` ([{"role": ..., "content": ...}], as in
+        Hugging Face); it ends at any eos id (the model's end of turn), which is left out."""
+        return self.chat_batch([messages], **sampling)[0]
+
+    def chat_batch(self, chats: list[list[Message]], **sampling: Any) -> list[GenerationResult]:
+        _check_batch(chats, "chat_batch needs a non-empty list of conversations")
+        return self._complete([self.encode_chat(c) for c in chats], sampling)
+
+    def stream_chat(self, messages: list[Message], **sampling: Any) -> Iterator[str]:
+        yield from self._stream(Run(self, [self.encode_chat(messages)], sampling))
+
+    def render_chat(self, messages: list[Message]) -> str:
+        """The prompt text of a conversation, ending with the assistant's header."""
+        return self.chat_template.render(messages)
+
+    def encode_chat(self, messages: list[Message]) -> list[int]:
+        """The rendered conversation's ids, special tokens written in it as their ids. BOS
+        is added when the tokenizer wants one and the template has not written it."""
+        text = self.render_chat(messages)
+        bos = self.chat_template.special_tokens.get("bos_token")
+        return self._encode(text, bos=self.add_bos and not (bos and text.startswith(bos)))
+
+    @cached_property
+    def chat_template(self) -> ChatTemplate:
+        """The model's template, compiled on first use."""
+        if self.tokenizer.chat_template is None:
+            raise ChatError("this model has no chat template; give it plain text to continue")
+        return ChatTemplate(self.tokenizer.chat_template, self.tokenizer.special_tokens())
+
+    def _complete(self, prompts: list[list[int]], sampling: dict) -> list[GenerationResult]:
         run = Run(self, prompts, sampling)
         for _ in run.steps():
             pass
         return run.results()
 
-    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
-        run = Run(self, [prompt], sampling)
+    def _stream(self, run: Run) -> Iterator[str]:
         text = TextStream(run.params.stop)
         for _ in run.steps():
             piece = text.feed(run.buffers[0], final=run.finished[0] is not None)
@@ -74,6 +114,9 @@ class Generator:
             yield tail
 
     def encode_prompt(self, prompt: str) -> list[int]:
+        return self._encode(prompt, bos=self.add_bos)
+
+    def _encode(self, prompt: str, bos: bool) -> list[int]:
         if not isinstance(prompt, str):
             raise GenerationError(f"a prompt must be text, got {type(prompt).__name__}")
         if not prompt:
@@ -84,7 +127,12 @@ class Generator:
             raise GenerationError(
                 f"the prompt is not valid text: a lone surrogate at character {e.start}"
             ) from None
-        return self.tokenizer.encode(prompt, bos=self.add_bos)
+        return self.tokenizer.encode(prompt, bos=bos)
+
+
+def _check_batch(items: Any, message: str) -> None:
+    if isinstance(items, str) or not items:
+        raise GenerationError(message)
 
 
 _SAMPLING_DEFAULTS = {
@@ -100,11 +148,11 @@ _SAMPLING_DEFAULTS = {
 class Run:
     """The mutable state of one generate call: ids, bytes and finish state per row."""
 
-    def __init__(self, generator: Generator, prompts: list[str], sampling: dict[str, Any]) -> None:
-        if isinstance(prompts, str) or not prompts:
-            raise GenerationError("generate_batch needs a non-empty list of prompts")
+    def __init__(
+        self, generator: Generator, prompts: list[list[int]], sampling: dict[str, Any]
+    ) -> None:
         self.g = generator
-        self.prompts = [generator.encode_prompt(p) for p in prompts]
+        self.prompts = prompts  # encoded
         self.params = _fitted_params(generator, max(len(p) for p in self.prompts), sampling)
         n = len(prompts)
         self.generated: list[list[int]] = [[] for _ in range(n)]
@@ -190,12 +238,12 @@ def _fitted_params(generator: Generator, longest: int, sampling: dict) -> Sampli
     params = SamplingParams.build(defaults, sampling)
     asked = sampling.get("max_new_tokens") is not None
     if longest > context or (longest == context and not (asked and params.max_new_tokens == 0)):
-        raise GenerationError(
+        raise ContextError(
             f"the prompt ({longest} tokens) does not fit the model's context of "
             f"{context} tokens with room to generate"
         )
     if longest + params.max_new_tokens > context:
-        raise GenerationError(
+        raise ContextError(
             f"prompt ({longest} tokens) plus max_new_tokens ({params.max_new_tokens}) "
             f"exceeds the model's context of {context} tokens"
         )
