@@ -199,6 +199,19 @@ def sampling_options(command):
     return command
 
 
+def chat_options(command):
+    """The chat flags shared by `generate` and `sample`."""
+    command = click.option(
+        "--system", default=None, help="System message for --chat [default: the template's own]."
+    )(command)
+    return click.option(
+        "--chat",
+        is_flag=True,
+        help="Answer each prompt as the model's assistant, through its chat template; "
+        "without --prompt, a conversation: one user turn per line of stdin.",
+    )(command)
+
+
 @main.command("generate")
 @click.argument("bundle", type=click.Path())
 @click.option("--prompt", "prompts", multiple=True, help="Text to continue (repeatable: a batch).")
@@ -211,6 +224,7 @@ def sampling_options(command):
 @click.option("--threads", type=int, default=None, help="Intra-op threads.")
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@chat_options
 @sampling_options
 def generate_command(
     bundle,
@@ -222,6 +236,8 @@ def generate_command(
     threads,
     stream,
     as_json,
+    chat,
+    system,
     stop,
     **sampling,
 ) -> None:
@@ -229,9 +245,12 @@ def generate_command(
     import edgegen.runtime
 
     check_output_flags(stream, as_json, len(prompts))
-    prompts = list(argv_text(prompts, "--prompt")) or [read_prompt(prompt_file)]
+    check_chat_flags(chat, system, as_json, given=bool(prompts or prompt_file))
+    prompts = list(argv_text(prompts, "--prompt"))
+    if not prompts and (prompt_file or not chat):  # --chat alone reads its turns later
+        prompts = [read_prompt(prompt_file)]
     generator = edgegen.runtime.load(bundle, backend, precision, device, threads)
-    run_generation(generator, prompts, stream, as_json, stop=argv_text(stop, "--stop"), **sampling)
+    respond(generator, prompts, stream, as_json, chat, system, stop, sampling)
 
 
 @main.command("sample")
@@ -240,21 +259,21 @@ def generate_command(
     "--prompt",
     "prompts",
     multiple=True,
-    default=["The "],
-    show_default=True,
-    help="Text to continue (repeatable).",
+    help="Text to continue (repeatable) [default: 'The '; with --chat: a conversation].",
 )
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@chat_options
 @sampling_options
-def sample_command(checkpoint, prompts, stream, as_json, stop, **sampling) -> None:
+def sample_command(checkpoint, prompts, stream, as_json, chat, system, stop, **sampling) -> None:
     """Continue prompts with a checkpoint in eager PyTorch (same loop and sampler)."""
     from edgegen.eager import load_eager
 
     check_output_flags(stream, as_json, len(prompts))
-    prompts = list(argv_text(prompts, "--prompt"))
+    check_chat_flags(chat, system, as_json, given=bool(prompts))
+    prompts = list(argv_text(prompts, "--prompt")) or ([] if chat else ["The "])
     model = load_eager(checkpoint)
-    run_generation(model, prompts, stream, as_json, stop=argv_text(stop, "--stop"), **sampling)
+    respond(model, prompts, stream, as_json, chat, system, stop, sampling)
 
 
 def check_output_flags(stream: bool, as_json: bool, n_prompts: int) -> None:
@@ -263,6 +282,14 @@ def check_output_flags(stream: bool, as_json: bool, n_prompts: int) -> None:
         raise click.UsageError("--stream and --json cannot be combined")
     if stream and n_prompts > 1:
         raise click.UsageError("--stream takes a single prompt")
+
+
+def check_chat_flags(chat: bool, system: str | None, as_json: bool, given: bool) -> None:
+    """--system belongs to --chat; a conversation prints its answers as they come."""
+    if system is not None and not chat:
+        raise click.UsageError("--system needs --chat")
+    if chat and as_json and not given:
+        raise click.UsageError("--json with --chat needs --prompt (a conversation is not JSON)")
 
 
 def argv_text(values, option: str) -> tuple[str, ...]:
@@ -306,29 +333,121 @@ def read_prompt(path: str | None) -> str:
         ) from None
 
 
-def run_generation(generator, prompts, stream, as_json, **sampling) -> None:
-    import json
+def respond(generator, prompts, stream, as_json, chat, system, stop, sampling) -> None:
+    """What `generate` and `sample` do once their model is loaded."""
+    sampling = dict(sampling, stop=argv_text(stop, "--stop"))
+    if not chat:
+        run_generation(generator, prompts, stream, as_json, **sampling)
+        return
+    system = None if system is None else argv_text([system], "--system")[0]
+    run_chat(generator, prompts, system, stream, as_json, **sampling)
 
-    sampling = {k: v for k, v in sampling.items() if v is not None and v != ()}
+
+def run_generation(generator, prompts, stream, as_json, **sampling) -> None:
+    sampling = _given(sampling)
     if stream:  # one prompt, no JSON: check_output_flags
         click.echo(prompts[0], nl=False)
-        for piece in generator.stream(prompts[0], **sampling):
-            click.echo(piece, nl=False)
-        click.echo()
+        echo_stream(generator.stream(prompts[0], **sampling))
         return
     results = generator.generate_batch(prompts, **sampling)
-    if as_json:
-        click.echo(
-            json.dumps(
-                [{"prompt": p, **r.to_dict()} for p, r in zip(prompts, results, strict=True)],
-                indent=2,
-            )
-        )
+    records = [{"prompt": p} for p in prompts]
+    texts = [p + r.text for p, r in zip(prompts, results, strict=True)]
+    echo_results(prompts, results, as_json, records, texts)
+
+
+def run_chat(generator, prompts, system, stream, as_json, **sampling) -> None:
+    """A one-turn chat per prompt, or, without prompts, a conversation on stdin."""
+    sampling = _given(sampling)
+    _ = generator.chat_template  # a model without one says so before stdin is read
+    if not prompts:
+        converse(generator, system, stream, sampling)
         return
-    for prompt, result in zip(prompts, results, strict=True):
+    chats = [[*_system_turn(system), {"role": "user", "content": p}] for p in prompts]
+    if stream:  # one prompt, no JSON: check_output_flags
+        echo_stream(generator.stream_chat(chats[0], **sampling))
+        return
+    results = generator.chat_batch(chats, **sampling)
+    records = [{"messages": chat} for chat in chats]
+    echo_results(prompts, results, as_json, records, [r.text for r in results])
+
+
+def converse(generator, system, stream, sampling) -> None:
+    """A conversation: each line of stdin is a user turn, answered with the whole history
+    as the prompt, until an empty line or the end of input (Ctrl-D). A history that no
+    longer fits the context ends it with one line (exit 1) rather than dropping turns
+    the user still sees on screen."""
+    from edgegen.errors import ContextError
+
+    tty = sys.stdin.isatty()
+    if tty:
+        click.echo("(an empty line or Ctrl-D ends the conversation)", err=True)
+    history = _system_turn(system)
+    while line := read_turn(tty):
+        history.append({"role": "user", "content": line})
+        try:
+            answer = answer_turn(generator, history, stream, sampling)
+        except ContextError as e:
+            raise ContextError(f"the conversation outgrew the model's context: {e}") from None
+        history.append({"role": "assistant", "content": answer})
+
+
+def read_turn(tty: bool) -> str:
+    """The next line of stdin without its line ending; "" at a blank line or the end."""
+    from edgegen.errors import GenerationError
+
+    if tty:
+        click.echo("> ", nl=False, err=True)
+    line = sys.stdin.buffer.readline()
+    if tty and not line:  # Ctrl-D: leave the terminal on a fresh line
+        click.echo(err=True)
+    try:
+        text = line.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise GenerationError(
+            f"a line of stdin is not UTF-8 (bad byte at offset {e.start})"
+        ) from None
+    return text if text.strip() else ""
+
+
+def answer_turn(generator, messages, stream, sampling) -> str:
+    if stream:
+        return echo_stream(generator.stream_chat(messages, **sampling))
+    text = generator.chat(messages, **sampling).text
+    click.echo(text)
+    return text
+
+
+def _system_turn(system: str | None) -> list[dict[str, str]]:
+    return [] if system is None else [{"role": "system", "content": system}]
+
+
+def _given(sampling: dict) -> dict:
+    return {k: v for k, v in sampling.items() if v is not None and v != ()}
+
+
+def echo_stream(pieces) -> str:
+    """Prints text pieces as they come, then a newline; returns the whole text."""
+    text = []
+    for piece in pieces:
+        click.echo(piece, nl=False)
+        text.append(piece)
+    click.echo()
+    return "".join(text)
+
+
+def echo_results(prompts, results, as_json, records, texts) -> None:
+    """JSON (each request's record with its result), or the texts, under a header each
+    when there are several."""
+    import json
+
+    if as_json:
+        rows = [{**rec, **r.to_dict()} for rec, r in zip(records, results, strict=True)]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for prompt, result, text in zip(prompts, results, texts, strict=True):
         if len(prompts) > 1:
             click.echo(f"--- {prompt!r} ({result.finish_reason})")
-        click.echo(prompt + result.text)
+        click.echo(text)
 
 
 def quantize_options(command):
