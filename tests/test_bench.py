@@ -170,9 +170,7 @@ def test_bench_prompts_have_the_asked_length_in_tokens(kind):
     from edgegen.tokenizer import ByteTokenizer, HFTokenizer
     from tests.hf_tokenizers import byte_level_bpe
 
-    tokenizer = (
-        ByteTokenizer() if kind == "byte" else HFTokenizer.from_hf(byte_level_bpe(), {}, {})
-    )
+    tokenizer = ByteTokenizer() if kind == "byte" else HFTokenizer.from_hf(byte_level_bpe(), {}, {})
     prompts = bench_prompts(tokenizer, 3, 32)
     assert len(set(prompts)) == 3
     for prompt in prompts:

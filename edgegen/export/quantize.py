@@ -392,41 +392,89 @@ _QUANT_OPS = {
 
 
 def quantize_torch_int8(model):
-    """Dynamic int8 quantization of a copy of `model` for the TorchScript artifact."""
+    """int8 quantization of a copy of `model` for the TorchScript artifact. RNNs: torch's
+    dynamic int8 Linear/GRU/LSTM. Transformers: block-wise weight-only int8 Linears, since
+    dynamic quantization scales each activation tensor as a whole and the outlier
+    channels of pretrained models ruin it (SmolLM2-135M: top-1 36%, perplexity +330%)."""
     import copy
 
     import torch
     from torch import nn
 
-    qconfig = {
-        nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig,
-        nn.GRU: torch.ao.quantization.default_dynamic_qconfig,
-        nn.LSTM: torch.ao.quantization.default_dynamic_qconfig,
-        nn.Embedding: torch.ao.quantization.float_qparams_weight_only_qconfig,
-    }
+    transformer = getattr(model.config, "family", None) == "gpt"
+    qconfig = {nn.Embedding: torch.ao.quantization.float_qparams_weight_only_qconfig}
+    if not transformer:
+        qconfig[nn.Linear] = torch.ao.quantization.per_channel_dynamic_qconfig
+        qconfig[nn.GRU] = qconfig[nn.LSTM] = torch.ao.quantization.default_dynamic_qconfig
     with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
         warnings.simplefilter("ignore")
         quantized = torch.ao.quantization.quantize_dynamic(
             copy.deepcopy(model).eval(), qconfig, dtype=torch.qint8
         )
     WeightOnlyInt8RNN = _weight_only_int8_rnn_class()
+    WeightOnlyInt8Linear = _weight_only_int8_linear_class()
     for name, module in list(quantized.named_modules()):
-        if type(module) is nn.RNN:  # torch has no dynamic int8 RNN (tanh) module
+        replacement = (
+            WeightOnlyInt8RNN(module)
+            if type(module) is nn.RNN  # torch has no dynamic int8 RNN (tanh) module
+            else WeightOnlyInt8Linear(module)
+            if transformer and type(module) is nn.Linear
+            else None
+        )
+        if replacement is not None:
             parent = quantized.get_submodule(name.rpartition(".")[0]) if "." in name else quantized
-            setattr(parent, name.rpartition(".")[2], WeightOnlyInt8RNN(module))
+            setattr(parent, name.rpartition(".")[2], replacement)
+    return quantized, _torch_coverage(quantized, transformer)
+
+
+def _torch_coverage(quantized, transformer: bool) -> dict[str, Any]:
     done = sorted(
         {type(m).__name__ for m in quantized.modules() if "quantized" in type(m).__module__}
-        | {type(m).__name__ for m in quantized.modules() if isinstance(m, WeightOnlyInt8RNN)}
+        | {type(m).__name__ for m in quantized.modules() if type(m).__name__.startswith("Weight")}
     )
-    coverage = {
-        "method": "torch dynamic int8 (per-channel Linear, GRU, LSTM) + 8-bit per-row "
-        "embedding and weight-only per-row int8 RNN (tanh) weights",
+    method = (
+        "weight-only int8 Linear weights in blocks of 32 (dequantized in the step: smaller, "
+        "not faster) + 8-bit per-row embedding"
+        if transformer
+        else "torch dynamic int8 (per-channel Linear, GRU, LSTM) + 8-bit per-row "
+        "embedding and weight-only per-row int8 RNN (tanh) weights"
+    )
+    linear = "WeightOnlyInt8Linear" in done or "Linear" in done
+    return {
+        "method": method,
         "quantized_modules": done,
         "embedding": "int8" if "Embedding" in done else "float32",
-        "head": "int8" if "Linear" in done else "float32",
+        "head": "int8" if linear else "float32",
         "kept_float32": [],
     }
-    return quantized, coverage
+
+
+def _weight_only_int8_linear_class():
+    import torch
+    from torch import nn
+
+    class WeightOnlyInt8Linear(nn.Module):
+        """nn.Linear with int8 weights, one scale per block of 32 inputs of a row (one per
+        row when the width does not divide), dequantized inside each call."""
+
+        def __init__(self, linear: nn.Linear, block: int = 32) -> None:
+            super().__init__()
+            weight = linear.weight.detach()
+            rows, cols = weight.shape
+            self.block = block if cols % block == 0 else cols
+            blocks = weight.reshape(rows, cols // self.block, self.block)
+            scale = blocks.abs().amax(dim=2, keepdim=True).clamp(min=1e-12) / 127
+            self.register_buffer("q", torch.round(blocks / scale).to(torch.int8))
+            self.register_buffer("scale", scale)
+            bias = linear.bias.detach().clone() if linear.bias is not None else None
+            self.register_buffer("bias", bias)
+            self.shape = (rows, cols)
+
+        def forward(self, x):
+            weight = (self.q.float() * self.scale).reshape(self.shape)
+            return nn.functional.linear(x, weight, self.bias)
+
+    return WeightOnlyInt8Linear
 
 
 def _weight_only_int8_rnn_class():
