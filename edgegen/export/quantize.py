@@ -50,8 +50,11 @@ def quantize_onnx(
     precision: str,
     block_size: int = DEFAULT_BLOCK_SIZE,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+    fit: str = "rtn",
 ) -> dict[str, Any]:
-    """Write the `precision` version of the fp32 ONNX `src` to `dst`; return its coverage."""
+    """Write the `precision` version of the fp32 ONNX `src` to `dst`; return its coverage.
+    `fit`: how a transformer's int4 blocks are fitted, "rtn" (round to the nearest of a
+    symmetric grid) or "hqq" (see _onnx_nbits)."""
     model = fold_constant_transposes(onnx.load(str(src)))
     with tempfile.TemporaryDirectory() as tmp, quiet(""):  # ORT logs every node
         prepared = Path(tmp) / "prepared.onnx"
@@ -59,7 +62,7 @@ def quantize_onnx(
         if precision == "int8":
             method = _onnx_int8(prepared, dst, block_size, accuracy_level)
         elif precision == "int4":
-            method = _onnx_nbits(prepared, dst, 4, block_size, accuracy_level)
+            method = _onnx_nbits(prepared, dst, 4, block_size, accuracy_level, fit == "hqq")
         elif precision == "fp16":
             method = _onnx_fp16(prepared, dst)
         else:
@@ -116,11 +119,15 @@ def _is_rnn(model: onnx.ModelProto) -> bool:
     return any(n.op_type in RNN_OPS for n in model.graph.node)
 
 
-def _onnx_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int) -> str:
-    """MatMulNBits weights. Transformer int4 fits each block's scale and (float) zero point
-    by HQQ's half-quadratic search rather than rounding to the nearest of a symmetric
-    grid: on SmolLM2-135M (weights from a Q4_1 GGUF) round-to-nearest cost +21% perplexity
-    and HQQ none, since its asymmetric blocks can land on the grid the weights came from."""
+def _onnx_nbits(
+    src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int, hqq: bool = False
+) -> str:
+    """MatMulNBits weights. With `hqq` (transformer int4 only), each block's scale and
+    (float) zero point are fitted by HQQ's half-quadratic search rather than rounded to
+    the nearest of a symmetric grid: on SmolLM2-135M (weights from a Q4_1 GGUF)
+    round-to-nearest cost +21% perplexity and HQQ none, since its asymmetric blocks can
+    land on the grid the weights came from. MatMulNBits runs float zero points on a
+    slower kernel, so HQQ is the fallback, not the default."""
     if block_size < 16 or block_size & (block_size - 1):
         raise ExportError(f"int{bits} block size must be a power of two >= 16, got {block_size}")
     model = onnx.load(str(src))
@@ -128,7 +135,7 @@ def _onnx_nbits(src: Path, dst: Path, bits: int, block_size: int, accuracy_level
     if rnn:  # int4 DequantizeLinear (for the RNN weights) needs opset 21
         model = version_converter.convert_version(model, 21)
     head = output_head(model)
-    hqq = bits == 4 and not rnn
+    hqq = hqq and bits == 4 and not rnn
     # int4 keeps the head at 8 bits: in int4 it cost a tiny model over 8% perplexity
     keep_head = head is not None and bits == 4
     model = _nbits_pass(model, bits, block_size, accuracy_level, hqq, exclude=keep_head and head)
