@@ -295,3 +295,38 @@ def test_transformer_int4_falls_back_to_hqq_when_rounding_fails_the_gate(
     assert "HQQ-fitted" in method and "round-to-nearest failed the gate: KL 1.00e+00" in method
     plain = export_bundle(ckpt, tmp_path / "c", formats=["onnx"], quantize=options)
     assert "symmetric" in plain.artifact("onnx", "int4").quantization["method"]
+
+
+def test_hqq_zero_points_moved_out_of_the_kernel_keep_the_logits(trained_bundles, tmp_path):
+    """HQQ's float zero points become a block-sum correction beside the fast symmetric
+    MatMulNBits kernel: no zero point is left, and the logits stay those of the HQQ graph
+    (up to the kernel's int8 activations)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgegen.export import quantize as q
+
+    _, bundle = trained_bundles["gpt"]
+    moved, kept = tmp_path / "moved.onnx", tmp_path / "kept.onnx"
+    q.quantize_onnx(bundle / "model.onnx", moved, "int4", fit="hqq")
+    original = q.move_zero_points_out
+    try:
+        q.move_zero_points_out = lambda model: 0
+        q.quantize_onnx(bundle / "model.onnx", kept, "int4", fit="hqq")
+    finally:
+        q.move_zero_points_out = original
+    graph = onnx.load(str(moved)).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    corrections = [n for n in graph.node if n.op_type == "Add" and "/symmetric" in n.input[0]]
+    assert nbits and all(len(n.input) == 3 for n in nbits)
+    assert len(corrections) == len(nbits) - 1  # all but the head, which is 8-bit symmetric
+    unmoved = [n for n in onnx.load(str(kept)).graph.node if n.op_type == "MatMulNBits"]
+    assert sum(len(n.input) > 3 for n in unmoved) == len(corrections)
+    session = ort.InferenceSession(str(moved))
+    feeds = {"input_ids": np.array([[5, 6, 7, 8]]), "position_ids": np.arange(4)[None]}
+    feeds["attention_mask"] = np.ones((1, 4), np.int64)
+    for io in session.get_inputs()[3:]:
+        feeds[io.name] = np.zeros((1, io.shape[1], 0, io.shape[3]), np.float32)
+    a = session.run(None, feeds)[0]
+    b = ort.InferenceSession(str(kept)).run(None, feeds)[0]
+    assert np.abs(a - b).max() <= 1e-2 * max(1.0, np.abs(b).max())

@@ -127,7 +127,8 @@ def _onnx_nbits(
     the nearest of a symmetric grid: on SmolLM2-135M (weights from a Q4_1 GGUF)
     round-to-nearest cost +21% perplexity and HQQ none, since its asymmetric blocks can
     land on the grid the weights came from. MatMulNBits runs float zero points on a
-    slower kernel, so HQQ is the fallback, not the default."""
+    kernel 10x slower, so they are moved out of it (move_zero_points_out), and HQQ is
+    the fallback, not the default."""
     if block_size < 16 or block_size & (block_size - 1):
         raise ExportError(f"int{bits} block size must be a power of two >= 16, got {block_size}")
     model = onnx.load(str(src))
@@ -145,6 +146,8 @@ def _onnx_nbits(
         dequantize_int8(model, next(n for n in model.graph.node if n.name == head.name), 1, axis=1)
     elif keep_head:  # block-wise: a per-row int8 head cost SmolLM2 2 points of top-1
         model = _nbits_pass(model, 8, block_size, accuracy_level, False, include=head)
+    if hqq:
+        move_zero_points_out(model)
     onnx.save(model, str(dst))
     fit = "HQQ-fitted asymmetric" if hqq else "symmetric"
     return (
@@ -152,10 +155,68 @@ def _onnx_nbits(
         f"{accuracy_level}) for every MatMul"
         + (" but the output head, which is int8" if keep_head else ", the output head included")
         + (" with per-row scales" if keep_head and rnn else " in blocks" if keep_head else "")
+        + ("; float zero points moved to a block-sum correction" if hqq else "")
         + ("; RNN weights int4 in blocks of the same size" if rnn else "")
         + "; embedding int8 with per-row scales"
         + (f"; int8 instead of int4: {kept_int8}" if kept_int8 else "")
     )
+
+
+def move_zero_points_out(model: onnx.ModelProto) -> int:
+    """Run float-zero-point MatMulNBits (HQQ) on the fast symmetric kernel. Dequantized,
+    a block is s * (q - z) = s * (q - m) + s * (m - z), m = 2^(bits-1), the zero point
+    MatMulNBits assumes when none is given; the second term is the same for the whole
+    block, so it multiplies the sum of the block's inputs:
+
+        x ──MatMulNBits(q, s)────────────────────────────┐
+        └─MatMul(ones per block [K, K/b])─MatMul(C [K/b, N])─Add── y     C = s * (m - z)
+
+    Exact up to float rounding; the correction reads K/b x (K + N) floats, about 2/b of
+    the float weight. Returns how many nodes it rewrote."""
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, rewritten = [], 0
+    for node in model.graph.node:
+        nodes.append(node)
+        zero = node.input[3] if node.op_type == "MatMulNBits" and len(node.input) > 3 else ""
+        if not zero or zero not in inits or inits[zero].data_type != onnx.TensorProto.FLOAT:
+            continue
+        nodes.extend(_zero_point_correction(model, node, inits))
+        rewritten += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {name for node in nodes for name in node.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return rewritten
+
+
+def _zero_point_correction(model, node, inits) -> list[onnx.NodeProto]:
+    attrs = {a.name: a.i for a in node.attribute}
+    k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+    blocks = -(-k // block)
+    scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, blocks)
+    zero = numpy_helper.to_array(inits[node.input[3]]).reshape(n, blocks)
+    if k % block:
+        raise ExportError(f"{node.name}: K={k} is not a multiple of the block {block}")
+    name, x, y = node.name or node.output[0], node.input[0], node.output[0]
+    correction = (scales * (2 ** (bits - 1) - zero)).T.astype(np.float32)  # (K/b, N)
+    summing = np.kron(np.eye(blocks, dtype=np.float32), np.ones((block, 1), np.float32))
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(correction, f"{name}/zero_point_correction"),
+            numpy_helper.from_array(summing, f"{name}/block_sum"),  # (K, K/b) of ones
+        ]
+    )
+    del node.input[3:]
+    node.output[0] = f"{name}/symmetric"
+    return [
+        helper.make_node("MatMul", [x, f"{name}/block_sum"], [f"{name}/block_sums"]),
+        helper.make_node(
+            "MatMul", [f"{name}/block_sums", f"{name}/zero_point_correction"], [f"{name}/shift"]
+        ),
+        helper.make_node("Add", [f"{name}/symmetric", f"{name}/shift"], [y]),
+    ]
 
 
 def _nbits_pass(model, bits, block_size, accuracy_level, hqq, exclude=None, include=None):
