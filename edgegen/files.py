@@ -13,11 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from edgegen.errors import CheckpointError
-from edgegen.output import writer_lock
+from edgegen.output import SEAL_FILE, SEAL_FORMAT, writer_lock
 
 PARKED = "previous"  # where a replaced directory waits until its successor is in place
-SEAL_FILE = "checkpoint.json"  # a checkpoint's hashes of its own files
-SEAL_FORMAT = "edgegen-checkpoint"
 
 
 def write_atomically(target: Path, fill: Callable[[Path], None]) -> None:

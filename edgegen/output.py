@@ -24,10 +24,11 @@ from pathlib import Path
 
 from edgegen.errors import OutputError
 
-CHECKPOINT_MARKERS = ("checkpoint.json", "config.json")  # either marks a checkpoint
+SEAL_FILE = "checkpoint.json"  # a checkpoint's hashes of its own files (files.seal)
+SEAL_FORMAT = "edgegen-checkpoint"
 BUNDLE_MANIFEST = "manifest.json"
 
-_held: dict[str, int] = {}  # lock files this process holds -> nesting depth
+_held: dict[str, tuple[int, int]] = {}  # lock files held here -> (owning thread, depth)
 _held_guard = threading.Lock()
 
 
@@ -36,16 +37,25 @@ def artifact_kind(path: Path) -> str | None:
     path = Path(path)
     if not path.is_dir() or path.is_symlink():
         return None
-    manifest = path / BUNDLE_MANIFEST
-    if manifest.is_file():
-        try:
-            if json.loads(manifest.read_text()).get("format") == "edgegen-bundle":
-                return "bundle"
-        except (OSError, ValueError, AttributeError):
-            return None
-    if any((path / name).is_file() for name in CHECKPOINT_MARKERS):
+    if _json_field(path / BUNDLE_MANIFEST, "format") == "edgegen-bundle":
+        return "bundle"
+    if _json_field(path / SEAL_FILE, "format") == SEAL_FORMAT:
+        return "checkpoint"
+    if (
+        _json_field(path / "config.json", "family") in ("gpt", "rnn")
+        and (path / "model.safetensors").is_file()
+    ):  # written before checkpoints carried their hashes
         return "checkpoint"
     return None
+
+
+def _json_field(path: Path, key: str):
+    """`key` of the JSON object in `path`, or None (a foreign or damaged file says nothing)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
 
 
 def describe(path: Path) -> str:
@@ -75,6 +85,8 @@ def claim_output(
     """Hold OUT for writing an artifact of `kind`; `existing`: OUT is one already (resume,
     quantize), which the command reads and validates before it writes a new version."""
     out = Path(out)
+    if out.is_symlink():  # a write would replace the link, and a lock name the wrong path
+        raise OutputError(f"refusing to write {out}: it is a symbolic link; name its target")
     check_placement(out, inputs)
     with writer_lock(out):
         _recover(out)
@@ -117,9 +129,13 @@ def writer_lock(target: str | Path) -> Iterator[None]:
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = target.parent / f".{target.name}.lock"
     key = str(lock.resolve())
+    me = threading.get_ident()
     with _held_guard:
-        nested = key in _held
-        _held[key] = _held.get(key, 0) + 1
+        owner, depth = _held.get(key, (me, 0))
+        if owner != me:  # another thread of this process is writing it
+            raise OutputError(f"another thread is writing {target} (pid {os.getpid()})")
+        nested = depth > 0
+        _held[key] = (me, depth + 1)
     fd = None
     try:
         if not nested:
@@ -127,8 +143,8 @@ def writer_lock(target: str | Path) -> Iterator[None]:
         yield
     finally:
         with _held_guard:
-            _held[key] -= 1
-            if not _held[key]:
+            _held[key] = (me, _held[key][1] - 1)
+            if not _held[key][1]:
                 del _held[key]
         if fd is not None:
             _release(lock, fd)
@@ -138,6 +154,8 @@ def try_recover(target: str | Path) -> None:
     """For readers: put back an interrupted replacement and clear dead writers' leftovers,
     unless a live writer holds `target` (then its folders are its own business)."""
     target = Path(target)
+    if not target.parent.is_dir():  # a reader creates nothing
+        return
     try:
         with writer_lock(target):
             _recover(target)

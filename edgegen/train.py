@@ -279,6 +279,7 @@ class Run:
         self.options, self.model, self.optimizer, self.task = options, model, optimizer, task
         self.tokenizer, self.corpus, self.device = tokenizer, corpus, device
         self.step = 0
+        self.saved_step: int | None = None  # the last step this run (or the one resumed) saved
         self.log: dict[str, list[dict[str, float]]] = {"train": [], "val": []}
 
     def loop(self, progress: bool, on_step) -> TrainResult:
@@ -288,17 +289,19 @@ class Run:
         if not self.log["val"]:
             self.validate()
         interrupted = False
-        with _stop_on_sigint() as stop:
-            while self.step < opts.steps and not interrupted:
-                loss, tokens_per_s = self.train_step()
-                last = self.step == opts.steps
-                if self.step % opts.eval_interval == 0 or last:
-                    self.validate()
-                bar.update(self.step, self.describe(loss, tokens_per_s))
-                interrupted = bool(on_step and on_step(self.step, loss)) or stop.is_set()
-                if self.step % save_every == 0 or last or interrupted:
-                    self.save()
-        bar.close()
+        try:  # an error (a diverged run) must not leave its line glued to the bar's
+            with _stop_on_sigint() as stop:
+                while self.step < opts.steps and not interrupted:
+                    loss, tokens_per_s = self.train_step()
+                    last = self.step == opts.steps
+                    if self.step % opts.eval_interval == 0 or last:
+                        self.validate()
+                    bar.update(self.step, self.describe(loss, tokens_per_s))
+                    interrupted = bool(on_step and on_step(self.step, loss)) or stop.is_set()
+                    if self.step % save_every == 0 or last or interrupted:
+                        self.save()
+        finally:
+            bar.close()
         return TrainResult(
             out=Path(opts.out),
             step=self.step,
@@ -337,19 +340,21 @@ class Run:
             nll, n_targets, n_bytes = self.task.evaluate(self.model)
         bpb = nll / math.log(2) / max(1, n_bytes)
         if not math.isfinite(bpb):
-            self.diverged(f"validation loss {nll / n_targets}")
+            self.diverged(f"validation loss {nll / n_targets}", validating=True)
         self.log["val"].append({"step": self.step, "loss": nll / n_targets, "bpb": bpb})
 
-    def diverged(self, what: str) -> None:
+    def diverged(self, what: str, validating: bool = False) -> None:
         """Stop without saving: the last checkpoint on disk is the last finite one."""
-        out = Path(self.options.out)
+        out, step = Path(self.options.out), self.step + (not validating)
         kept = (
-            f"{out} keeps its last finite checkpoint"
-            if (out / STATE_FILE).is_file()
+            f"{out} keeps this run's last finite checkpoint (step {self.saved_step})"
+            if self.saved_step is not None
+            else f"{out} is left as it was"
+            if out.exists()
             else "nothing was written"
         )
         raise TrainingError(
-            f"training diverged at step {self.step + 1}: {what}; the learning rate "
+            f"training diverged at step {step}: {what}; the learning rate "
             f"({self.options.peak_lr:g}) is likely too high. {kept}"
         )
 
@@ -362,7 +367,7 @@ class Run:
 
     def save(self) -> None:
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-            self.diverged("the weights are no longer finite")
+            self.diverged("the weights are no longer finite", validating=True)
         tensors = {f"carry.{i}": t.contiguous() for i, t in enumerate(self.task.carry)}
         tensors["rng.cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
@@ -387,6 +392,7 @@ class Run:
             seal(tmp)
 
         write_atomically(Path(self.options.out), fill)
+        self.saved_step = self.step
 
     def restore(self, directory: Path, saved: dict[str, Any]) -> None:
         """The optimizer, RNG and carried state (the weights came with the model)."""
@@ -410,7 +416,7 @@ class Run:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         n_carry = sum(name.startswith("carry.") for name in tensors)
         self.task.carry = tuple(tensors[f"carry.{i}"].to(self.device) for i in range(n_carry))
-        self.step = saved["step"]
+        self.step = self.saved_step = saved["step"]
 
 
 # --- what each family trains on -------------------------------------------------

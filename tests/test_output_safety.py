@@ -79,6 +79,28 @@ def test_train_refuses_an_existing_out(tmp_path, text_file, checkpoint, what):
         assert snapshot(tmp_path) == before
 
 
+def test_force_never_replaces_a_folder_that_only_looks_like_a_model(tmp_path, text_file):
+    """A Hugging Face model folder has a config.json too; only an edgegen checkpoint's
+    hashes (or its own config beside its weights) make a folder one."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "llama"}')
+    (hf / "model.safetensors").write_bytes(b"weights")
+    before = snapshot(tmp_path)
+    result = cli("train", "--data", text_file, "--out", hf, "--force", "--steps", 1)
+    one_line_error(result, "refusing to replace")
+    assert snapshot(tmp_path) == before
+
+
+def test_symbolic_links_are_not_written_through(tmp_path, text_file):
+    train(options(text_file, tmp_path / "ck"), progress=False)
+    (tmp_path / "link").symlink_to(tmp_path / "ck")
+    before = snapshot(tmp_path / "ck")
+    result = cli("train", "--data", text_file, "--out", tmp_path / "link", "--resume")
+    one_line_error(result, "is a symbolic link")
+    assert snapshot(tmp_path / "ck") == before and (tmp_path / "link").is_symlink()
+
+
 def test_train_force_replaces_a_checkpoint(tmp_path, text_file):
     out = tmp_path / "ck"
     train(options(text_file, out, steps=4), progress=False)

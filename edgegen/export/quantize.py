@@ -147,7 +147,7 @@ def _onnx_nbits(
     elif keep_head:  # block-wise: a per-row int8 head cost SmolLM2 2 points of top-1
         model = _nbits_pass(model, 8, block_size, accuracy_level, False, include=head)
     if hqq:
-        move_zero_points_out(model)
+        move_zero_points_out(model, accuracy_level)
     onnx.save(model, str(dst))
     fit = "HQQ-fitted asymmetric" if hqq else "symmetric"
     return (
@@ -162,7 +162,7 @@ def _onnx_nbits(
     )
 
 
-def move_zero_points_out(model: onnx.ModelProto) -> int:
+def move_zero_points_out(model: onnx.ModelProto, accuracy_level: int = 0) -> int:
     """Run float-zero-point MatMulNBits (HQQ) on the fast symmetric kernel. Dequantized,
     a block is s * (q - z) = s * (q - m) + s * (m - z), m = 2^(bits-1), the zero point
     MatMulNBits assumes when none is given; the second term is the same for the whole
@@ -180,7 +180,7 @@ def move_zero_points_out(model: onnx.ModelProto) -> int:
         zero = node.input[3] if node.op_type == "MatMulNBits" and len(node.input) > 3 else ""
         if not zero or zero not in inits or inits[zero].data_type != onnx.TensorProto.FLOAT:
             continue
-        nodes.extend(_zero_point_correction(model, node, inits))
+        nodes.extend(_zero_point_correction(model, node, inits, accuracy_level))
         rewritten += 1
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -191,27 +191,30 @@ def move_zero_points_out(model: onnx.ModelProto) -> int:
     return rewritten
 
 
-def _zero_point_correction(model, node, inits) -> list[onnx.NodeProto]:
+def _zero_point_correction(model, node, inits, accuracy_level) -> list[onnx.NodeProto]:
     attrs = {a.name: a.i for a in node.attribute}
     k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
-    blocks = -(-k // block)
+    blocks = -(-k // block)  # the quantizer pads K to whole blocks; padding sums nothing
     scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, blocks)
     zero = numpy_helper.to_array(inits[node.input[3]]).reshape(n, blocks)
-    if k % block:
-        raise ExportError(f"{node.name}: K={k} is not a multiple of the block {block}")
     name, x, y = node.name or node.output[0], node.input[0], node.output[0]
     correction = (scales * (2 ** (bits - 1) - zero)).T.astype(np.float32)  # (K/b, N)
-    summing = np.kron(np.eye(blocks, dtype=np.float32), np.ones((block, 1), np.float32))
-    model.graph.initializer.extend(
-        [
-            numpy_helper.from_array(correction, f"{name}/zero_point_correction"),
-            numpy_helper.from_array(summing, f"{name}/block_sum"),  # (K, K/b) of ones
-        ]
+    summing = f"block_sum_{k}x{block}"  # (K, K/b) of ones, shared by nodes of one shape
+    if summing not in inits:
+        ones = np.kron(np.eye(blocks, dtype=np.float32), np.ones((block, 1), np.float32))[:k]
+        inits[summing] = numpy_helper.from_array(ones, summing)
+        model.graph.initializer.append(inits[summing])
+    model.graph.initializer.append(
+        numpy_helper.from_array(correction, f"{name}/zero_point_correction")
     )
-    del node.input[3:]
+    node.input[3] = ""  # no zero points: the kernel's own, 2^(bits-1)
     node.output[0] = f"{name}/symmetric"
+    if accuracy_level:  # HQQ's nodes carry no accuracy level; ours do
+        attrs["accuracy_level"] = accuracy_level
+    del node.attribute[:]
+    node.attribute.extend(helper.make_attribute(key, value) for key, value in attrs.items())
     return [
-        helper.make_node("MatMul", [x, f"{name}/block_sum"], [f"{name}/block_sums"]),
+        helper.make_node("MatMul", [x, summing], [f"{name}/block_sums"]),
         helper.make_node(
             "MatMul", [f"{name}/block_sums", f"{name}/zero_point_correction"], [f"{name}/shift"]
         ),
@@ -404,7 +407,8 @@ def onnx_coverage(model: onnx.ModelProto) -> dict[str, Any]:
     low, total, kept = 0, 0, []
     for t in model.graph.initializer:
         n = int(np.prod(t.dims)) if t.dims else 1
-        if t.name.endswith(("_scale", "_scales", "_zero_point", "_zero", "_zp")) or n < 2:
+        side = ("_scale", "_scales", "_zero_point", "_zero", "_zp", "/zero_point_correction")
+        if t.name.endswith(side) or t.name.startswith("block_sum_") or n < 2:
             continue
         total += n
         if t.data_type in (onnx.TensorProto.FLOAT,):

@@ -251,8 +251,13 @@ def _llama_tensors(t: _Tensors, c: GPTConfig) -> dict[str, np.ndarray]:
 def _head(t: _Tensors, c: GPTConfig, out: dict[str, np.ndarray]) -> None:
     if not c.tie_embeddings:
         out["head.weight"] = t.take("lm_head.weight", (c.vocab_size, c.dim))
-    else:
-        t.used.add("lm_head.weight")  # a tied head saved anyway is the same tensor
+    elif t.has("lm_head.weight"):  # a tied head saved anyway must be the embedding
+        head = t.take("lm_head.weight", (c.vocab_size, c.dim))
+        if not np.array_equal(head, out["tok_emb.weight"]):
+            raise ImportModelError(
+                f"{t.source}: config.json ties the head to the embedding, but lm_head.weight "
+                "differs from it"
+            )
 
 
 def _bias_or_zeros(t: _Tensors, name: str, size: int) -> np.ndarray:
