@@ -59,8 +59,10 @@ def quantize_onnx(
     with tempfile.TemporaryDirectory() as tmp, quiet(""):  # ORT logs every node
         prepared = Path(tmp) / "prepared.onnx"
         onnx.save(model, str(prepared))
-        if precision == "int8":
-            method = _onnx_int8(prepared, dst, block_size, accuracy_level)
+        if precision == "int8" and not _is_rnn(model):  # why: _onnx_dynamic_int8
+            method = _onnx_nbits(prepared, dst, 8, block_size, accuracy_level)
+        elif precision == "int8":
+            method = _onnx_dynamic_int8(prepared, dst)
         elif precision == "int4":
             method = _onnx_nbits(prepared, dst, 4, block_size, accuracy_level, fit == "hqq")
         elif precision == "fp16":
@@ -85,16 +87,13 @@ def _folds_at_load(model: onnx.ModelProto) -> bool:
     return any(n.op_type == "DequantizeLinear" for n in model.graph.node)
 
 
-def _onnx_int8(src: Path, dst: Path, block_size: int, accuracy_level: int) -> str:
-    """Transformers: MatMulNBits 8-bit for every MatMul, the head included. ORT's dynamic
-    quantization scales each activation tensor as a whole, and the outlier channels of
-    pretrained models leave the rest of it a few levels (SmolLM2-135M: top-1 54%,
-    perplexity +81%); block-wise weights keep them apart. A per-row int8 head cost
-    SmolLM2 2 points of top-1 agreement over a block-wise one. RNNs keep dynamic
-    quantization (their MatMuls are the head alone)."""
-    model = onnx.load(str(src))
-    if not _is_rnn(model):
-        return _onnx_nbits(src, dst, 8, block_size, accuracy_level)
+def _onnx_dynamic_int8(src: Path, dst: Path) -> str:
+    """RNN int8 (their MatMuls are the head alone). Transformers get MatMulNBits 8-bit for
+    every MatMul, the head included, instead: ORT's dynamic quantization scales each
+    activation tensor as a whole, and the outlier channels of pretrained models leave
+    the rest of it a few levels (SmolLM2-135M: top-1 54%, perplexity +81%); block-wise
+    weights keep them apart. A per-row int8 head cost SmolLM2 2 points of top-1
+    agreement over a block-wise one."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
@@ -521,8 +520,16 @@ def _torch_coverage(quantized, transformer: bool) -> dict[str, Any]:
     }
 
 
-def _weight_only_int8_linear_class():
+def symmetric_int8(weight):
+    """int8 values and float scales of a torch weight, one scale per row of its last axis
+    (absmax / 127): what the weight-only TorchScript modules store and dequantize."""
     import torch
+
+    scale = weight.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127
+    return torch.round(weight / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def _weight_only_int8_linear_class():
     from torch import nn
 
     class WeightOnlyInt8Linear(nn.Module):
@@ -535,8 +542,8 @@ def _weight_only_int8_linear_class():
             rows, cols = weight.shape
             self.block = block if cols % block == 0 else cols
             blocks = weight.reshape(rows, cols // self.block, self.block)
-            scale = blocks.abs().amax(dim=2, keepdim=True).clamp(min=1e-12) / 127
-            self.register_buffer("q", torch.round(blocks / scale).to(torch.int8))
+            q, scale = symmetric_int8(blocks)
+            self.register_buffer("q", q)
             self.register_buffer("scale", scale)
             bias = linear.bias.detach().clone() if linear.bias is not None else None
             self.register_buffer("bias", bias)
@@ -564,8 +571,7 @@ def _weight_only_int8_rnn_class():
             for layer in range(rnn.num_layers):
                 for kind in ("ih", "hh"):
                     weight = getattr(rnn, f"weight_{kind}_l{layer}").detach()
-                    scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
-                    q = torch.round(weight / scale).clamp(-127, 127).to(torch.int8)
+                    q, scale = symmetric_int8(weight)
                     self.register_buffer(f"w_{kind}_{layer}", q)
                     self.register_buffer(f"s_{kind}_{layer}", scale)
                     bias = getattr(rnn, f"bias_{kind}_l{layer}").detach().clone()
