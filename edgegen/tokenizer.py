@@ -24,6 +24,16 @@ TOKENIZER_FILE = "tokenizer.json"
 SPEC_FILE = "tokenizer_spec.json"  # an HF tokenizer's edgegen spec, in a checkpoint
 
 
+def lone_surrogate_at(text: str) -> int | None:
+    """Where `text` holds a lone surrogate (which no encoding, hence no tokenizer, takes),
+    or None for valid text: the one check every text that reaches a tokenizer passes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
 class ByteTokenizer:
     """UTF-8 bytes as ids 0-255, then the special ids BOS, EOS and PAD.
 

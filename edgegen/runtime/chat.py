@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from edgegen.errors import ChatError, first_line
+from edgegen.tokenizer import lone_surrogate_at
 
 Message = dict[str, Any]  # {"role": "user", "content": "..."} (other keys pass through)
 
@@ -62,12 +63,11 @@ def _checked(index: int, message: Any) -> Message:
             raise ChatError(f"message {index} has no {key!r}")
         if not isinstance(message[key], str):
             raise ChatError(f"message {index}: {key} must be text, got {_kind(message[key])}")
-    try:
-        message["content"].encode("utf-8")
-    except UnicodeEncodeError as e:  # a lone surrogate: no tokenizer can encode it
+    at = lone_surrogate_at(message["content"])
+    if at is not None:
         raise ChatError(
-            f"message {index}: content is not valid text (a lone surrogate at character {e.start})"
-        ) from None
+            f"message {index}: content is not valid text (a lone surrogate at character {at})"
+        )
     return {k: v for k, v in message.items() if v is not None}
 
 

@@ -24,7 +24,7 @@ from edgegen.errors import ChatError, ContextError, GenerationError, SamplingErr
 from edgegen.runtime.chat import ChatTemplate, Message
 from edgegen.runtime.decoder import Decoder, StepRunner
 from edgegen.runtime.sampler import Sampler, SamplingParams
-from edgegen.tokenizer import Tokenizer
+from edgegen.tokenizer import Tokenizer, lone_surrogate_at
 
 
 @dataclass
@@ -121,12 +121,11 @@ class Generator:
             raise GenerationError(f"a prompt must be text, got {type(prompt).__name__}")
         if not prompt:
             raise GenerationError("the prompt is empty")
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as e:  # a lone surrogate: no tokenizer can encode it
+        at = lone_surrogate_at(prompt)
+        if at is not None:
             raise GenerationError(
-                f"the prompt is not valid text: a lone surrogate at character {e.start}"
-            ) from None
+                f"the prompt is not valid text: a lone surrogate at character {at}"
+            )
         return self.tokenizer.encode(prompt, bos=bos)
 
 

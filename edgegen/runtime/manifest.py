@@ -349,7 +349,7 @@ def _is_dim(d: Any) -> bool:
 
 
 def _optional_int(value: Any) -> bool:
-    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+    return value is None or _is_id(value)
 
 
 def _is_id(value: Any) -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgegen.errors import SamplingError
+from edgegen.tokenizer import lone_surrogate_at
 
 MIN_TEMPERATURE = 1e-4  # below it, logits / temperature can overflow: use 0 for greedy
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
@@ -95,7 +96,7 @@ class SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         _check(all(isinstance(s, str) and s for s in stop), "stop must be non-empty strings")
         _check(
-            all(_is_unicode(s) for s in stop),
+            all(lone_surrogate_at(s) is None for s in stop),
             "stop strings must be valid text (no lone surrogates)",
         )
         object.__setattr__(self, "stop", stop)
@@ -268,15 +269,6 @@ def _checked_eos(value: Any) -> int | tuple[int, ...] | None:
         all(_is_int(i) and i >= 0 for i in ids), "eos_token_id must be a token id or a list of them"
     )
     return value
-
-
-def _is_unicode(text: str) -> bool:
-    """False for text holding a lone surrogate, which has no UTF-8 encoding."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _finite(value: Any) -> bool:
