@@ -29,9 +29,15 @@ def write_atomically(target: Path, fill: Callable[[Path], None]) -> None:
     """
     target = Path(target)
     with writer_lock(target):  # so the leftovers removed here belong to dead writers
-        recover_interrupted(target)
-        remove_leftovers(target, "tmp")
+        clear_dead_writers(target)
         _replace_with(target, fill)
+
+
+def clear_dead_writers(target: Path) -> None:
+    """Put back a replacement killed between its renames and remove the temporary folders
+    writers left behind. Only under `target`'s writer lock: then no live writer owns them."""
+    recover_interrupted(target)
+    remove_leftovers(target, "tmp")
 
 
 def _replace_with(target: Path, fill: Callable[[Path], None]) -> None:

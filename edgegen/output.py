@@ -191,7 +191,6 @@ def _release(lock: Path, fd: int) -> None:
 
 
 def _recover(target: Path) -> None:
-    from edgegen.files import recover_interrupted, remove_leftovers
+    from edgegen.files import clear_dead_writers  # files imports this module
 
-    recover_interrupted(target)
-    remove_leftovers(target, "tmp")
+    clear_dead_writers(target)
