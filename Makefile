@@ -39,6 +39,9 @@ demo: setup
 	$(BIN)/edgegen generate $(RUNS)/gru-tiny.bundle --backend torchscript --prompt "Return the " --seed 0
 	$(BIN)/edgegen generate $(RUNS)/gru-tiny.bundle --prompt "If the " --stream --seed 1
 	$(BIN)/edgegen generate $(RUNS)/gpt-tiny.bundle --precision int8 --prompt "Return the " --seed 0
+	# fine-tune the tiny GPT on another text (this README): --init keeps its architecture and tokenizer
+	$(BIN)/edgegen train --init $(RUNS)/gpt-tiny --data README.md --steps 100 --lr 1e-3 --out $(RUNS)/gpt-tiny-readme --force
+	$(BIN)/edgegen sample $(RUNS)/gpt-tiny-readme --prompt "edgegen " --seed 0 --max-new-tokens 60
 	$(BIN)/edgegen bench $(RUNS)/gpt-tiny.bundle --checkpoint $(RUNS)/gpt-tiny --precisions fp32,int8,int4 --repeat 3 --long-tokens 64 --quiet
 	$(BIN)/edgegen bench $(RUNS)/gru-tiny.bundle --checkpoint $(RUNS)/gru-tiny --precisions fp32,int8,int4 --repeat 3 --long-tokens 64 --quiet
 	# a real pretrained model: import the GGUF, export fp32 + int8 + int4 (parity and quality gated), verify, chat
