@@ -616,7 +616,12 @@ def quantize_command(
 @click.option(
     "--json", "json_out", type=click.Path(), default=None, help="Write the report as JSON."
 )
-def verify_command(bundle, checkpoint, levels, tokens, eval_text, gates, json_out) -> None:
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Also exit non-zero when a check was skipped (fp16 without a CUDA GPU).",
+)
+def verify_command(bundle, checkpoint, levels, tokens, eval_text, gates, json_out, strict) -> None:
     """Check every artifact of a bundle against eager PyTorch, level by level."""
     from edgegen.errors import VerifyError
     from edgegen.verify import verify_bundle, write_report
@@ -639,9 +644,11 @@ def verify_command(bundle, checkpoint, levels, tokens, eval_text, gates, json_ou
     click.echo(report.table())
     if json_out:
         write_report(report, json_out)
-    if not report.passed:
-        failed = sum(not c.passed for c in report.checks)
-        raise VerifyError(f"{failed} of {len(report.checks)} checks failed")
+    counts, total = report.counts(), len(report.checks)
+    if counts["failed"]:
+        raise VerifyError(f"{counts['failed']} of {total} checks failed")
+    if strict and counts["skipped"]:
+        raise VerifyError(f"{counts['skipped']} of {total} checks skipped (--strict)")
 
 
 @main.command("bench")

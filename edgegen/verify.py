@@ -9,7 +9,8 @@
     6 files     the manifest validates, every artifact matches its sha256, and so does the
                 tokenizer file, which also parses and fits the model's vocabulary
 
-Every level reports a figure and its tolerance; any failure fails the report.
+Every level reports a figure and its tolerance; any failure fails the report. A check
+that cannot run here (fp16 without a CUDA GPU) is skipped: counted apart, never as a pass.
 """
 
 from __future__ import annotations
@@ -56,10 +57,19 @@ class Check:
     tolerance: str
     passed: bool
     detail: str = ""
+    skipped: bool = False  # it could not run here (then passed is False); `figure` says why
 
     @property
     def name(self) -> str:
         return LEVELS[self.level]
+
+    @property
+    def result(self) -> str:
+        return "skipped" if self.skipped else "passed" if self.passed else "failed"
+
+
+def skipped_check(level: int, artifact: str, reason: str) -> Check:
+    return Check(level, artifact, f"skipped: {reason}", "-", False, skipped=True)
 
 
 @dataclass
@@ -70,24 +80,40 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
+        """Every check ran and passed (a skipped check is not a pass)."""
         return all(c.passed for c in self.checks)
+
+    @property
+    def failed(self) -> bool:
+        return self.counts()["failed"] > 0
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(("passed", "skipped", "failed"), 0)
+        for c in self.checks:
+            counts[c.result] += 1
+        return counts
+
+    def summary(self) -> str:
+        """One line: N passed, N skipped, N failed."""
+        return ", ".join(f"{n} {result}" for result, n in self.counts().items())
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "bundle": self.bundle,
             "checkpoint": self.checkpoint,
             "passed": self.passed,
-            "checks": [{**asdict(c), "name": c.name} for c in self.checks],
+            "counts": self.counts(),
+            "checks": [{**asdict(c), "name": c.name, "result": c.result} for c in self.checks],
         }
 
     def table(self) -> str:
         rows = [("level", "artifact", "measured", "tolerance", "result")]
         for c in self.checks:
-            result = "pass" if c.passed else f"FAIL {c.detail}".strip()
+            result = "pass" if c.passed else "skipped" if c.skipped else f"FAIL {c.detail}".strip()
             rows.append((f"{c.level} {c.name}", c.artifact, c.figure, c.tolerance, result))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
-        return "\n".join(lines)
+        return "\n".join([*lines, self.summary()])
 
 
 def verify_bundle(
@@ -111,7 +137,7 @@ def verify_bundle(
     manifest = read_manifest(bundle, verify_hashes=6 not in levels)
     if 6 in levels:
         report.checks += check_files(manifest)
-        if not report.passed:
+        if report.failed:
             return report  # the other levels would load damaged files
     model, tokenizer = load_checkpoint(checkpoint)
     if model.config != manifest.config:
@@ -165,7 +191,7 @@ def check_artifact_quality(manifest, artifact, spec, gate, windows, run=None) ->
     GPU or is skipped."""
     device = "cuda" if artifact.precision == "fp16" else "cpu"
     if device == "cuda" and not cuda_provider_available():
-        return Check(4, artifact.path, "skipped: fp16 runs on a CUDA GPU, none here", "-", True)
+        return skipped_check(4, artifact.path, "fp16 runs on a CUDA GPU, none here")
     if run is None:
         path = manifest.path_of(artifact)
         run = guarded(

@@ -211,3 +211,44 @@ def test_cli_verify_failure_exits_non_zero(gpt_copy):
     result = CliRunner().invoke(main, ["verify", str(bundle), "--checkpoint", str(ckpt)])
     assert result.exit_code == 1
     assert "FAIL" in result.stdout and result.stderr.strip() == "error: 1 of 3 checks failed"
+
+
+# --- a check that cannot run is skipped, never passed ------------------------------------
+
+
+@pytest.fixture
+def fp16_bundle(trained_bundles, tmp_path, monkeypatch):
+    """The rnn bundle with an fp16 artifact listed, on a machine without a CUDA GPU."""
+    ckpt, bundle = trained_bundles["rnn"]
+    shutil.copytree(bundle, tmp_path / "b")
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    fp32 = next(a for a in manifest["artifacts"] if a["format"] == "onnx")
+    shutil.copy(tmp_path / "b" / fp32["path"], tmp_path / "b" / "model.fp16.onnx")
+    manifest["artifacts"].append({**fp32, "path": "model.fp16.onnx", "precision": "fp16"})
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(verify_module, "cuda_provider_available", lambda: False)
+    return ckpt, tmp_path / "b"
+
+
+def test_a_check_that_cannot_run_is_skipped_not_passed(fp16_bundle):
+    ckpt, bundle = fp16_bundle
+    report = verify_bundle(bundle, ckpt, levels=(4,))
+    (check,) = [c for c in report.checks if c.artifact == "model.fp16.onnx"]
+    assert check.skipped and not check.passed and check.result == "skipped"
+    assert report.counts() == {"passed": 2, "skipped": 1, "failed": 0}
+    assert not report.passed and not report.failed
+    assert report.table().splitlines()[-1] == "2 passed, 1 skipped, 0 failed"
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["passed"] is False and data["counts"]["skipped"] == 1
+    assert [c["result"] for c in data["checks"]].count("skipped") == 1
+
+
+def test_cli_verify_exits_0_with_skips_unless_strict(fp16_bundle):
+    ckpt, bundle = fp16_bundle
+    args = ["verify", str(bundle), "--checkpoint", str(ckpt), "--levels", "4"]
+    lenient = CliRunner().invoke(main, args)
+    assert lenient.exit_code == 0, lenient.output
+    assert "2 passed, 1 skipped, 0 failed" in lenient.stdout and "skipped" in lenient.stdout
+    strict = CliRunner().invoke(main, [*args, "--strict"])
+    assert strict.exit_code == 1
+    assert strict.stderr.strip() == "error: 1 of 3 checks skipped (--strict)"
