@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -175,3 +176,19 @@ def test_bench_prompts_have_the_asked_length_in_tokens(kind):
     assert len(set(prompts)) == 3
     for prompt in prompts:
         assert len(tokenizer.encode(prompt, bos=tokenizer.add_bos)) == 32
+
+
+def test_roofline_reads_like_a_decode_step():
+    """The floor's bandwidth comes from one fp32 matrix-vector product (x @ w, w a graph
+    input, so ONNX Runtime reads it where it lies), not from a sum."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgegen.bench.machine import MATVEC_MODEL, memory_read_bandwidth
+
+    graph = onnx.load(str(MATVEC_MODEL)).graph
+    assert [n.op_type for n in graph.node] == ["MatMul"]
+    session = ort.InferenceSession(str(MATVEC_MODEL), providers=["CPUExecutionProvider"])
+    x, w = np.arange(3, dtype=np.float32)[None], np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.testing.assert_array_equal(session.run(None, {"x": x, "w": w})[0], x @ w)
+    assert 1e8 < memory_read_bandwidth(threads=1, nbytes=16 * 1024 * 1024, repeats=2) < 1e12

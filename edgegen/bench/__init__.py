@@ -81,7 +81,7 @@ def run_bench(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
         if context is None
         else min(options.long_tokens, context - options.prompt_len)
     )
-    bandwidth = memory_read_bandwidth()
+    bandwidth = memory_read_bandwidth(options.threads)
     bar = ProgressLine(len(rows), enabled=progress, every=1)
     measured = []
     for done, (backend, precision, weight_bytes) in enumerate(rows):

@@ -53,7 +53,8 @@ def _footer(report: dict[str, Any]) -> str:
         f"{_decoding(o)}, {o['warmup']} warm-up + {o['repeat']} timed runs, "
         f"threads {o['threads']}; "
         f"every fp32 row produced {same}. Memory read bandwidth "
-        f"{report['memory_read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
+        f"{report['memory_read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (best fp32 "
+        "matrix-vector product over 256 MB, at the rows' thread count); "
         "floor = weight bytes / bandwidth." + _growth_note(report) + _cold_note(report)
     )
 
