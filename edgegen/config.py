@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ from edgegen.errors import ConfigError
 BYTE_VOCAB_SIZE = 259  # 256 bytes + BOS, EOS, PAD (see tokenizer.py)
 
 RNN_CELLS = ("rnn", "gru", "lstm")
-POS_ENCODINGS = ("learned", "rope")
+POS_ENCODINGS = ("learned", "rope", "sinusoidal", "none")
+NORM_POSITIONS = ("pre", "post")
+RNN_NONLINEARITIES = ("tanh", "relu")
 MLP_KINDS = ("plain", "gated")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 NORMS = ("layernorm", "rmsnorm")
@@ -26,7 +29,9 @@ NORMS = ("layernorm", "rmsnorm")
 class GPTConfig:
     """A decoder-only Transformer with a KV cache. The defaults are edgegen's own trained
     GPT; the other choices describe imported ones (GPT-2: learned positions, biases,
-    tanh GELU; Llama: RMSNorm, rotary positions, a gated SiLU MLP, grouped-query heads)."""
+    tanh GELU; Llama: RMSNorm, rotary positions, a gated SiLU MLP, grouped-query heads;
+    PyTorch's nn.TransformerEncoder: post-norm, ReLU, biases everywhere, sinusoidal
+    positions, embeddings scaled by sqrt(dim))."""
 
     vocab_size: int = BYTE_VOCAB_SIZE
     dim: int = 64  # model width
@@ -39,8 +44,12 @@ class GPTConfig:
     mlp: str = "plain"  # "plain": down(act(up x)); "gated": down(act(gate x) * up x)
     activation: str = "gelu"  # "gelu" (exact), "gelu_tanh", "silu" or "relu"
     norm: str = "layernorm"  # "layernorm" (with bias) or "rmsnorm"
+    norm_position: str = "pre"  # "pre": x + f(norm(x)); "post": norm(x + f(x))
+    final_norm: bool = True  # a norm before the head
     bias: bool = False  # biases in the attention and MLP projections
-    pos_encoding: str = "learned"  # "learned" table or "rope" (rotary)
+    head_bias: bool = False  # a bias in the output head
+    pos_encoding: str = "learned"  # "learned" table, "rope" (rotary), "sinusoidal" or "none"
+    embed_scale: float = 1.0  # token embeddings are multiplied by it (sqrt(dim) in some)
     rope_theta: float = 10000.0
     tie_embeddings: bool = True  # output head shares the token embedding
     dropout: float = 0.0
@@ -58,6 +67,7 @@ class GPTConfig:
             raise ConfigError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
         for name, choices in (
             ("pos_encoding", POS_ENCODINGS),
+            ("norm_position", NORM_POSITIONS),
             ("mlp", MLP_KINDS),
             ("activation", ACTIVATIONS),
             ("norm", NORMS),
@@ -74,6 +84,10 @@ class GPTConfig:
         _require_positive(self, "mlp_dim")
         if self.pos_encoding == "rope" and self.head_dim % 2:
             raise ConfigError(f"rope needs an even head_dim, got {self.head_dim}")
+        if self.pos_encoding == "sinusoidal" and self.dim % 2:
+            raise ConfigError(f"sinusoidal positions need an even dim, got {self.dim}")
+        if not math.isfinite(self.embed_scale):
+            raise ConfigError(f"embed_scale must be finite, got {self.embed_scale}")
         _require_dropout(self.dropout)
 
 
@@ -82,7 +96,8 @@ class RNNConfig:
     """An embedding, a multi-layer RNN/GRU/LSTM and a linear head."""
 
     vocab_size: int = BYTE_VOCAB_SIZE
-    cell: str = "gru"  # "rnn" (tanh), "gru" or "lstm"
+    cell: str = "gru"  # "rnn", "gru" or "lstm"
+    nonlinearity: str = "tanh"  # the "rnn" cell's: "tanh" or "relu"
     dim: int = 64  # embedding width
     hidden_size: int = 128
     n_layers: int = 2
@@ -95,6 +110,13 @@ class RNNConfig:
         _require_positive(self, "vocab_size", "dim", "hidden_size", "n_layers")
         if self.cell not in RNN_CELLS:
             raise ConfigError(f"cell must be one of {', '.join(RNN_CELLS)}, got {self.cell!r}")
+        if self.nonlinearity not in RNN_NONLINEARITIES or (
+            self.cell != "rnn" and self.nonlinearity != "tanh"
+        ):
+            raise ConfigError(
+                f"nonlinearity must be one of {', '.join(RNN_NONLINEARITIES)} "
+                f"(and tanh for a {self.cell} cell), got {self.nonlinearity!r}"
+            )
         if self.tie_embeddings and self.dim != self.hidden_size:
             raise ConfigError(
                 f"tie_embeddings needs dim == hidden_size, got {self.dim} and {self.hidden_size}"

@@ -117,7 +117,8 @@ class StepSpec:
         exercised when batch > 1.
         """
         gen = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, 256, (batch, past + seq), generator=gen)
+        vocab = min(256, self.outputs[0]["shape"][2])  # word-level vocabularies may be smaller
+        ids = torch.randint(0, vocab, (batch, past + seq), generator=gen)
         if self.is_gpt:
             return self._gpt_example(ids, past, gen)
         model = self.module.model

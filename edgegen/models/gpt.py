@@ -1,5 +1,6 @@
-"""Decoder-only Transformer (pre-norm, causal self-attention with a KV cache, MLP),
-configured rather than copied: edgegen's own GPT, GPT-2 and Llama are one model.
+"""Decoder-only Transformer (causal self-attention with a KV cache, MLP; pre- or
+post-norm), configured rather than copied: edgegen's own GPT, GPT-2, Llama and a
+causal nn.TransformerEncoder language model are one model.
 
 State is the KV cache as a flat tuple `(k0, v0, k1, v1, ...)`, each [B, kv_heads,
 past, head_dim]. `forward` appends the new keys and values and returns the grown
@@ -33,10 +34,12 @@ class GPT(nn.Module):
         self.rope = (
             Rotary(config.head_dim, config.rope_theta) if config.pos_encoding == "rope" else None
         )
+        self.sinusoidal = Sinusoidal(config.dim) if config.pos_encoding == "sinusoidal" else None
+        self.embed_scale = config.embed_scale
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = make_norm(config)
-        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.norm = make_norm(config) if config.final_norm else nn.Identity()
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=config.head_bias)
         if config.tie_embeddings:
             self.head.weight = self.tok_emb.weight
         self.apply(_init_weights)
@@ -77,8 +80,12 @@ class GPT(nn.Module):
         """The step every path runs (training, eager, export, parity): logits and the new
         tokens' keys and values [B, kv_heads, T, head_dim]; the past is only read."""
         x = self.tok_emb(input_ids)  # (B, T, dim)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
         if self.pos_emb is not None:
             x = x + self.pos_emb(position_ids)
+        if self.sinusoidal is not None:
+            x = x + self.sinusoidal(position_ids)
         rope = self.rope(position_ids) if self.rope is not None else None
         x = self.drop(x)
         new = []
@@ -95,8 +102,13 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
+        self.post_norm = config.norm_position == "post"
 
     def forward(self, x, past_k, past_v, bias, rope):
+        if self.post_norm:  # the original Transformer's (nn.TransformerEncoderLayer's default)
+            a, k, v = self.attn(x, past_k, past_v, bias, rope)
+            x = self.norm1(x + a)
+            return self.norm2(x + self.mlp(x)), k, v
         a, k, v = self.attn(self.norm1(x), past_k, past_v, bias, rope)
         x = x + a
         x = x + self.mlp(self.norm2(x))
@@ -209,6 +221,20 @@ class Rotary(nn.Module):
     def forward(self, position_ids: torch.Tensor):
         angles = position_ids[..., None].float() * self.inv_freq  # (B, T, hs/2)
         return angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, T, hs/2) each
+
+
+class Sinusoidal(nn.Module):
+    """The fixed position table of "Attention Is All You Need", computed from position
+    ids: feature 2i is sin(pos / 10000^(2i/dim)), feature 2i+1 its cos."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        inv_freq = torch.exp(torch.arange(0, dim, 2).float() * (-math.log(10000.0) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        angles = position_ids[..., None].float() * self.inv_freq  # (B, T, dim/2)
+        return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # (B, T, dim)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

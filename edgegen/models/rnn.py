@@ -1,4 +1,4 @@
-"""RNN language model: embedding -> nn.RNN (tanh) / nn.GRU / nn.LSTM -> linear head."""
+"""RNN language model: embedding -> nn.RNN (tanh or ReLU) / nn.GRU / nn.LSTM -> linear head."""
 
 from __future__ import annotations
 
@@ -11,6 +11,18 @@ from edgegen.config import RNNConfig
 _CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
 
+def _cell(config: RNNConfig) -> nn.Module:
+    extra = {"nonlinearity": config.nonlinearity} if config.cell == "rnn" else {}
+    return _CELLS[config.cell](
+        config.dim,
+        config.hidden_size,
+        config.n_layers,
+        batch_first=True,
+        dropout=config.dropout if config.n_layers > 1 else 0.0,
+        **extra,
+    )
+
+
 class RNNLM(nn.Module):
     """State is `(h,)` for RNN/GRU and `(h, c)` for LSTM, each [n_layers, B, hidden]."""
 
@@ -18,13 +30,7 @@ class RNNLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
-        self.rnn = _CELLS[config.cell](
-            config.dim,
-            config.hidden_size,
-            config.n_layers,
-            batch_first=True,
-            dropout=config.dropout if config.n_layers > 1 else 0.0,
-        )
+        self.rnn = _cell(config)
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
         if config.tie_embeddings:
