@@ -168,14 +168,53 @@ def train_command(overrides, resume, force, quiet, **kwargs) -> None:
 
 
 @main.command("import")
-@click.argument("source", type=click.Path())
+@click.argument("source", type=click.Path(), required=False)
 @click.option("--out", required=True, type=click.Path(), help="Checkpoint directory to write.")
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint in --out.")
-def import_command(source, out, force) -> None:
-    """Import a pretrained model (a Hugging Face directory or a GGUF file) as a checkpoint."""
-    from edgegen.importers.pretrained import import_pretrained
+@click.option(
+    "--module",
+    "module_spec",
+    default=None,
+    help="Your own nn.Module instead of SOURCE: FILE.py:ClassName (an RNN or "
+    "nn.TransformerEncoder language model).",
+)
+@click.option(
+    "--state-dict",
+    type=click.Path(),
+    default=None,
+    help="Its weights: a torch.save(model.state_dict()) file or .safetensors.",
+)
+@click.option("--init-args", default=None, help="ClassName's arguments: a JSON list or object.")
+@click.option(
+    "--tokenizer",
+    type=click.Path(),
+    default=None,
+    help="Its vocabulary: a tokenizer.json, or one word per line (line number = id).",
+)
+def import_command(source, out, force, module_spec, state_dict, init_args, tokenizer) -> None:
+    """Import a pretrained model (a Hugging Face directory or a GGUF file), or your own
+    nn.Module (--module, --state-dict, --tokenizer), as a checkpoint."""
+    module_options = {
+        "--state-dict": state_dict,
+        "--init-args": init_args,
+        "--tokenizer": tokenizer,
+    }
+    if module_spec is None:
+        given = [name for name, value in module_options.items() if value is not None]
+        if source is None or given:
+            raise click.UsageError(
+                f"{given[0]} goes with --module" if given else "give SOURCE or --module"
+            )
+        from edgegen.importers.pretrained import import_pretrained
 
-    click.echo(import_pretrained(source, out, force=force).summary())
+        click.echo(import_pretrained(source, out, force=force).summary())
+        return
+    if source is not None or state_dict is None or tokenizer is None:
+        raise click.UsageError("--module takes --state-dict and --tokenizer, and no SOURCE")
+    from edgegen.importers.module import import_module_file
+
+    result = import_module_file(module_spec, state_dict, tokenizer, out, init_args, force)
+    click.echo(result.summary())
 
 
 def sampling_options(command):

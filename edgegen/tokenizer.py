@@ -206,6 +206,8 @@ class HFTokenizer:
             ids = self._backend.encode(text, add_special_tokens=False).ids
         except TypeError:  # what `tokenizers` says of a lone surrogate
             raise TokenizerError("the text is not valid Unicode (a lone surrogate)") from None
+        except Exception as e:  # a word outside a WordLevel vocabulary without <unk>
+            raise TokenizerError(f"cannot encode the text: {first_line(e)}") from None
         head = [self.bos_id] if bos and self.bos_id is not None else []
         tail = [self.eos_id] if eos and self.eos_id is not None else []
         return head + ids + tail
@@ -258,6 +260,53 @@ class HFTokenizer:
 
 
 Tokenizer = ByteTokenizer | HFTokenizer
+WORD_EOS, WORD_UNK = "<eos>", "<unk>"  # pytorch/examples word_language_model's
+
+
+def word_level(words: list[str], vocab_size: int | None = None) -> HFTokenizer:
+    """A word-level tokenizer (a `tokenizers` WordLevel model) where `words[i]` is id i:
+    text splits on whitespace, decoding joins words with spaces, no BOS; `<eos>` ends
+    generation and `<unk>` stands for unknown words, when the list has them."""
+    from tokenizers import AddedToken, models, pre_tokenizers
+
+    for i, word in enumerate(words):
+        if not isinstance(word, str) or not word or word.split() != [word]:
+            raise TokenizerError(f"word {i} ({word!r}) must be non-empty, without whitespace")
+    vocab = {word: i for i, word in enumerate(words)}
+    if len(vocab) < len(words):
+        twice = next(w for i, w in enumerate(words) if vocab[w] != i)
+        raise TokenizerError(f"the word {twice!r} is in the vocabulary twice")
+    backend = Backend(models.WordLevel(vocab, unk_token=WORD_UNK))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    config = {}
+    if WORD_EOS in vocab:
+        backend.add_special_tokens([AddedToken(WORD_EOS, special=True)])
+        config["eos_token"] = WORD_EOS
+    return HFTokenizer.from_hf(backend.to_str(), config, vocab_size=vocab_size)
+
+
+def vocabulary_file(path: Path, vocab_size: int | None = None) -> HFTokenizer:
+    """A Hugging Face tokenizer.json, or a word list (one word per line, the line number
+    is the id) as a `word_level` tokenizer. A tokenizer.json's `<eos>` token, when it has
+    one, ends generation."""
+    text = _read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if isinstance(data, dict) and "model" in data:
+        backend = _parse_backend(text)
+        config = {"eos_token": WORD_EOS} if backend.token_to_id(WORD_EOS) is not None else {}
+        return HFTokenizer.from_hf(text, config, vocab_size=vocab_size)
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    try:
+        return word_level([line.removesuffix("\r") for line in lines], vocab_size)
+    except TokenizerError as e:
+        raise TokenizerError(f"{path}: {e}") from None
+
+
 TOKENIZER_TYPES = {"byte": ByteTokenizer, "hf": HFTokenizer}
 _HF_SPEC_FIELDS = ("type", "version", "special_tokens", "eos_ids", "add_bos", "chat_template")
 _SPECIAL = ("bos", "eos", "pad")

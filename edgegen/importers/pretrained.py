@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from edgegen.checkpoint import write_model_files
-from edgegen.config import GPTConfig
+from edgegen.config import ModelConfig, RNNConfig
 from edgegen.errors import EdgegenError, ImportModelError
 from edgegen.files import write_atomically, write_json
 from edgegen.importers.hf import gpt_config, gpt_tensors, read_hf_dir
@@ -28,12 +28,18 @@ SOURCE_FILE = "source.json"  # where an imported checkpoint came from
 @dataclass
 class ImportResult:
     out: Path
-    architecture: str  # the source's model_type
-    config: GPTConfig
+    architecture: str  # the source's model_type (a module's class name)
+    config: ModelConfig
     parameters: int
 
     def summary(self) -> str:
         c = self.config
+        if isinstance(c, RNNConfig):
+            cell = f"{c.cell} ({c.nonlinearity})" if c.cell == "rnn" else c.cell
+            return (
+                f"{self.out}: {self.architecture}, {self.parameters:,} parameters, "
+                f"{c.n_layers} {cell} layers x {c.hidden_size}, vocabulary {c.vocab_size}"
+            )
         heads = f"{c.n_heads} heads" + (f" ({c.kv_heads} KV)" if c.kv_heads != c.n_heads else "")
         return (
             f"{self.out}: {self.architecture}, {self.parameters:,} parameters, "
