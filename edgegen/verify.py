@@ -1,7 +1,8 @@
 """Layered parity of a bundle against its checkpoint (eager PyTorch is the oracle).
 
     1 step      one step on the shape grid: every output vs eager (max abs diff)
-    2 cache     the runtime's Decoder: prefill + N decode steps vs one full forward
+    2 cache     the runtime's Decoder: ragged prefill + decode steps, growing its KV
+                buffer, vs one full forward per row (the export gate's check)
     3 greedy    the runtime's greedy continuation == eager's, for N tokens per prompt
     4 quality   next-token distributions on held-out text vs fp32 eager: KL divergence,
                 top-1 agreement, perplexity change (the gate quantized artifacts must pass)
@@ -20,16 +21,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from edgegen.checkpoint import load_checkpoint
 from edgegen.eager import eager_generator
 from edgegen.errors import EdgegenError, VerifyError, first_line
 from edgegen.export.parity import (
     TOLERANCE,
     artifact_runner,
-    compare,
+    check_decode,
     describe_gate,
     eval_windows,
     gate_for,
@@ -40,7 +38,6 @@ from edgegen.export.parity import (
 from edgegen.export.spec import step_spec
 from edgegen.runtime import open_artifact
 from edgegen.runtime.backends import cuda_provider_available
-from edgegen.runtime.decoder import Decoder
 from edgegen.runtime.generator import Generator
 from edgegen.runtime.manifest import Manifest, read_manifest, verify_artifact
 
@@ -161,7 +158,7 @@ def verify_bundle(
         if 1 in levels:
             report.checks.append(guarded(1, name, check_steps, spec, run, name, tolerance))
         if 2 in levels:
-            report.checks.append(guarded(2, name, check_cache, model, gen, name, tolerance))
+            report.checks.append(guarded(2, name, check_cache, spec, gen, name, tolerance))
         if 3 in levels:
             report.checks.append(guarded(3, name, check_greedy, eager, gen, name, prompts, tokens))
     if 4 in levels:
@@ -250,37 +247,13 @@ def check_steps(spec, run, artifact: str, tolerance: float) -> Check:
     return Check(1, artifact, figure, f"{tolerance:.0e}", not failed, detail)
 
 
-def check_cache(
-    model, generator: Generator, artifact: str, tolerance: float, steps: int = 8
-) -> Check:
-    """Prefill ragged prompts through the runtime's Decoder, decode `steps` tokens from its
-    own state, and compare every step's logits with one eager forward of each row."""
-    rows = [generator.encode_prompt(p) for p in ("Return the value", "If")]
-    rng = np.random.default_rng(0)
-    continuation = rng.integers(0, 256, size=(len(rows), steps))
-    decoder = Decoder(generator.runner, generator.signature, generator.tokenizer.pad_id)
-    got = [decoder.prefill(rows)]
-    for t in range(steps):
-        got.append(decoder.decode_one_token(continuation[:, t]))
-    got = np.stack(got, axis=1)  # (B, steps+1, V)
-    want = []
-    for row, prompt in enumerate(rows):
-        ids = torch.tensor([prompt + continuation[row].tolist()])
-        with torch.no_grad():
-            logits = model(ids)[0][0].numpy()  # (T, V)
-        want.append(logits[len(prompt) - 1 :])
-    result = compare(
-        f"prefill + {steps} decode steps", ["logits"], [got], [np.stack(want)], tolerance
-    )
+def check_cache(spec, generator: Generator, artifact: str, tolerance: float) -> Check:
+    """The export gate's decode check (`parity.check_decode`) through the runtime's Decoder
+    over the generator's own backend and manifest signature."""
+    result = check_decode(spec, generator.runner, tolerance, generator.signature)
     figure = f"max |diff| {result['max_abs_diff']:.2e} ({result['relative']:.1e} of scale)"
-    return Check(
-        2,
-        artifact,
-        figure,
-        f"{tolerance:.0e}",
-        result["passed"],
-        "" if result["passed"] else result["message"],
-    )
+    detail = "" if result["passed"] else result["message"]
+    return Check(2, artifact, figure, f"{tolerance:.0e}", result["passed"], detail)
 
 
 def check_greedy(

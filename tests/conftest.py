@@ -1,4 +1,6 @@
+import json
 import os
+import shutil
 
 import pytest
 from hypothesis import settings
@@ -85,3 +87,15 @@ def smollm2(tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2")
     result = import_pretrained(GGUF, root / "ck")
     return result, export_bundle(root / "ck", root / "bundle")
+
+
+def copy_with_fp16(bundle, dest):
+    """A copy of `bundle` that also lists an fp16 ONNX artifact (the fp32 graph under
+    another name): enough for what happens to an fp16 row on a machine without a GPU."""
+    shutil.copytree(bundle, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    fp32 = next(a for a in manifest["artifacts"] if a["format"] == "onnx")
+    shutil.copy(dest / fp32["path"], dest / "model.fp16.onnx")
+    manifest["artifacts"].append({**fp32, "path": "model.fp16.onnx", "precision": "fp16"})
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest

@@ -13,12 +13,13 @@ from edgegen.checkpoint import write_model_files
 from edgegen.cli import main
 from edgegen.config import FAMILIES, RNN_CELLS, preset
 from edgegen.errors import ExportError, OutputError, ParityError
-from edgegen.export import FORMATS, export_bundle
+from edgegen.export import FORMATS, export_bundle, parity
 from edgegen.export import writer as export_writer
 from edgegen.export.onnx import export_onnx
-from edgegen.export.parity import GRID
+from edgegen.export.parity import DECODE_CAPACITY, GRID
 from edgegen.export.spec import step_spec
 from edgegen.models import build_model
+from edgegen.runtime.decoder import Decoder
 from edgegen.tokenizer import ByteTokenizer
 
 MODELS = {
@@ -61,9 +62,33 @@ def test_export_passes_the_parity_gate(tmp_path, checkpoints, name, fmt):
     report = manifest.data["parity"]["artifacts"][artifact.path]
     assert report["passed"] and report["max_abs_diff"] <= 1e-4
     assert len(report["checks"]) == len(GRID) + 1
+    decode = report["checks"][-1]["case"]
+    assert decode.startswith("prefill 7/3 + decode 5")
+    if name.startswith("gpt"):  # the runtime's Decoder ran, and its KV buffer grew
+        assert decode.endswith(f"(KV buffer {DECODE_CAPACITY} -> {2 * DECODE_CAPACITY} slots)")
     names = sorted(p.name for p in (tmp_path / "bundle").iterdir())
     assert names == sorted(["manifest.json", "tokenizer.json", artifact.path])
     assert not list(tmp_path.glob(".bundle.*"))  # no temporary directories left behind
+
+
+class ForgetfulGrowth(Decoder):
+    """Loses the cache whenever its buffer grows (the slots it had are not copied)."""
+
+    def _reserve(self, needed):
+        had = self.length
+        super()._reserve(needed)
+        if had:
+            for buffer in self.state:
+                buffer[:, :, :had] = 0
+
+
+def test_the_gate_drives_the_runtime_decoder_past_its_first_capacity(
+    tmp_path, checkpoints, monkeypatch
+):
+    monkeypatch.setattr(parity, "Decoder", ForgetfulGrowth)
+    with pytest.raises(ParityError, match=r"prefill 7/3 \+ decode 5 .*KV buffer 8 -> 16"):
+        export_bundle(checkpoints["gpt-learned"], tmp_path / "b", formats=["onnx"])
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -11,12 +11,13 @@ import edgegen.verify as verify_module
 from edgegen.cli import main
 from edgegen.eager import load_eager
 from edgegen.errors import VerifyError
-from edgegen.export import FORMATS
+from edgegen.export import FORMATS, parity
 from edgegen.export.quantize import SUPPORTED
 from edgegen.files import sha256_file
 from edgegen.runtime.decoder import Decoder
 from edgegen.runtime.manifest import PRECISIONS
 from edgegen.verify import LEVELS, check_sampling, verify_bundle
+from tests.conftest import copy_with_fp16
 
 MATRIX = ["gpt", "gpt-rope", "gru", "lstm", "rnn"]
 # fp32: the matrix below; int8/int4: test_quantize.py::test_verify_covers_quantized_artifacts;
@@ -117,7 +118,7 @@ class OffByOneRunner:
 
 def test_level_2_catches_a_wrong_cache_update(trained_bundles, monkeypatch):
     ckpt, bundle = trained_bundles["gpt"]
-    monkeypatch.setattr(verify_module, "Decoder", StaleCacheDecoder)
+    monkeypatch.setattr(parity, "Decoder", StaleCacheDecoder)
     report = verify_bundle(bundle, ckpt, levels=(1, 2), tokens=8)
     assert failed_levels(report) == {2}
 
@@ -125,7 +126,7 @@ def test_level_2_catches_a_wrong_cache_update(trained_bundles, monkeypatch):
 @pytest.mark.parametrize("name", ["gru"])
 def test_level_2_catches_a_wrong_state_update_in_rnns(trained_bundles, monkeypatch, name):
     ckpt, bundle = trained_bundles[name]
-    monkeypatch.setattr(verify_module, "Decoder", StaleCacheDecoder)
+    monkeypatch.setattr(parity, "Decoder", StaleCacheDecoder)
     assert failed_levels(verify_bundle(bundle, ckpt, levels=(2,), tokens=8)) == {2}
 
 
@@ -220,14 +221,8 @@ def test_cli_verify_failure_exits_non_zero(gpt_copy):
 def fp16_bundle(trained_bundles, tmp_path, monkeypatch):
     """The rnn bundle with an fp16 artifact listed, on a machine without a CUDA GPU."""
     ckpt, bundle = trained_bundles["rnn"]
-    shutil.copytree(bundle, tmp_path / "b")
-    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    fp32 = next(a for a in manifest["artifacts"] if a["format"] == "onnx")
-    shutil.copy(tmp_path / "b" / fp32["path"], tmp_path / "b" / "model.fp16.onnx")
-    manifest["artifacts"].append({**fp32, "path": "model.fp16.onnx", "precision": "fp16"})
-    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setattr(verify_module, "cuda_provider_available", lambda: False)
-    return ckpt, tmp_path / "b"
+    return ckpt, copy_with_fp16(bundle, tmp_path / "b")
 
 
 def test_a_check_that_cannot_run_is_skipped_not_passed(fp16_bundle):

@@ -2,9 +2,11 @@
 
 1. One step on a grid of shapes (batch 1/3, seq 1/7, past 0/5; GPT rows after the
    first are left-padded): every output (logits and new state) vs eager.
-2. Prefill + decode: the artifact prefills a prompt, then decodes token by token
-   from its own state; its logits must match one forward of the original eager
-   model over the sequence (which also proves the step module a family exports).
+2. Prefill + decode through the runtime's own Decoder: a ragged batch is prefilled
+   (left-padded and masked), then decoded token by token from the Decoder's state,
+   its KV buffer growing past its first capacity on the way; every step's logits
+   must match one forward of the original eager model over each row alone (which
+   also proves the step module a family exports).
 
 A check over its tolerance raises ParityError naming the artifact, the case and
 the difference; nothing is published.
@@ -24,6 +26,7 @@ from edgegen.corpus import load_corpus
 from edgegen.errors import ExportError, ParityError
 from edgegen.export.spec import StepSpec
 from edgegen.runtime.backends import RUNNERS as RUNTIME_RUNNERS
+from edgegen.runtime.decoder import Decoder, StepRunner
 
 TOLERANCE = {"fp32": 1e-4}  # max difference on logits and state, per unit of their scale
 # Quality on held-out text vs fp32 eager, per precision: max KL(eager || artifact) in
@@ -38,7 +41,8 @@ QUALITY_GATES = {
 }
 QUALITY_WINDOW, QUALITY_TOKENS = 64, 4096
 GRID = list(itertools.product((1, 3), (1, 7), (0, 5)))  # (batch, seq, past)
-PROMPT_LEN, DECODE_STEPS = 7, 5
+PROMPT_LEN, DECODE_STEPS = 7, 5  # the longest prompt of the decode check, and its steps
+DECODE_CAPACITY = PROMPT_LEN + 1  # the Decoder's first buffer: decoding must grow it
 
 Runner = Callable[[dict[str, torch.Tensor]], list[np.ndarray]]
 
@@ -58,7 +62,8 @@ def check_parity(
     """The artifact's parity report; raises ParityError on the first failing check."""
     tolerance = TOLERANCE[precision]
     checks = []
-    for check in [*step_grid(spec, run, tolerance), _check_decode(spec, run, tolerance)]:
+    decode = check_decode(spec, _NumpyFeeds(run), tolerance)
+    for check in [*step_grid(spec, run, tolerance), decode]:
         if not check["passed"]:
             raise ParityError(f"{artifact}: {check['message']}")
         checks.append({k: check[k] for k in ("case", "max_abs_diff", "relative")})
@@ -84,28 +89,45 @@ def step_grid(spec: StepSpec, run: Runner, tolerance: float) -> list[dict[str, A
     return checks
 
 
-def _check_decode(spec: StepSpec, run: Runner, tolerance: float) -> dict[str, Any]:
-    """Prefill PROMPT_LEN tokens, decode DECODE_STEPS more from the artifact's own state."""
-    total = PROMPT_LEN + DECODE_STEPS
-    full = spec.example(batch=2, seq=total, past=0, seed=99)
-    want = spec.model_logits(full).numpy()
-    ids = full["input_ids"]
-    feeds = {
-        k: (v[:, :PROMPT_LEN].contiguous() if k in _SEQ_INPUTS else v) for k, v in full.items()
-    }
-    if "attention_mask" in feeds:
-        feeds["attention_mask"] = full["attention_mask"][:, :PROMPT_LEN]
-    outputs = run(feeds)
-    logits = [outputs[0]]
-    for t in range(PROMPT_LEN, total):
-        feeds = spec.advance(feeds, outputs, ids[:, t])
-        outputs = run(feeds)
-        logits.append(outputs[0])
-    case = f"prefill {PROMPT_LEN} + decode {DECODE_STEPS} vs full forward"
-    return compare(case, ["logits"], [np.concatenate(logits, axis=1)], [want], tolerance)
+class _NumpyFeeds:
+    """A Runner as the Decoder drives one: numpy feeds in."""
+
+    def __init__(self, run: Runner) -> None:
+        self.run_torch = run
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.run_torch({name: torch.from_numpy(v) for name, v in feeds.items()})
 
 
-_SEQ_INPUTS = {"input_ids", "position_ids"}
+def check_decode(
+    spec: StepSpec,
+    runner: StepRunner,
+    tolerance: float,
+    signature: dict[str, Any] | None = None,
+    steps: int = DECODE_STEPS,
+) -> dict[str, Any]:
+    """The runtime's Decoder over `runner` (with `signature`, default the spec's) prefills
+    two ragged prompts and decodes `steps` tokens from its own state, its KV buffer
+    starting at DECODE_CAPACITY slots; the logits after each token must equal one forward
+    of the original model over each row alone."""
+    vocab = min(256, spec.outputs[0]["shape"][2])
+    gen = torch.Generator().manual_seed(99)
+    lengths = (PROMPT_LEN, PROMPT_LEN - 4)
+    rows = [torch.randint(0, vocab, (1, n + steps), generator=gen) for n in lengths]
+    decoder = Decoder(runner, signature or spec.signature(), 0, capacity=DECODE_CAPACITY)
+    got = [decoder.prefill([row[0, :n].tolist() for row, n in zip(rows, lengths, strict=True)])]
+    first = decoder.capacity
+    for t in range(steps):
+        tokens = np.array([int(row[0, n + t]) for row, n in zip(rows, lengths, strict=True)])
+        got.append(decoder.decode_one_token(tokens))
+    want = [
+        spec.model_logits(spec.prefill_feeds(row))[0, n - 1 :].numpy()
+        for row, n in zip(rows, lengths, strict=True)
+    ]
+    case = f"prefill {'/'.join(map(str, lengths))} + decode {steps} vs full forward"
+    if decoder.kv_cache:
+        case += f" (KV buffer {first} -> {decoder.capacity} slots)"
+    return compare(case, ["logits"], [np.stack(got, axis=1)], [np.stack(want)], tolerance)
 
 
 def compare(case, names, got, want, tolerance) -> dict[str, Any]:

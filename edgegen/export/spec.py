@@ -176,20 +176,6 @@ class StepSpec:
                 )[0]
             return model(*feeds.values())[0]
 
-    def advance(
-        self, feeds: dict[str, torch.Tensor], outputs: list, next_ids: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """Inputs of the next decode step: the new state and one token per row."""
-        state = [torch.as_tensor(o) for o in outputs[-self.n_state :]]
-        if not self.is_gpt:
-            return dict(zip(self.input_names, (next_ids[:, None], *state), strict=True))
-        past = [feeds[name] for name in self.input_names[-self.n_state :]]
-        state = [torch.cat([p, new], dim=2) for p, new in zip(past, state, strict=True)]
-        mask = torch.cat([feeds["attention_mask"], torch.ones_like(next_ids)[:, None]], dim=1)
-        positions = feeds["position_ids"][:, -1:] + 1
-        values = (next_ids[:, None], positions, mask, *state)
-        return dict(zip(self.input_names, values, strict=True))
-
 
 DIMS = {
     "batch": "sequences in the batch",

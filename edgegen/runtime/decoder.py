@@ -32,8 +32,15 @@ class StepRunner(Protocol):
 
 
 class Decoder:
-    def __init__(self, runner: StepRunner, signature: dict[str, Any], pad_id: int) -> None:
+    def __init__(
+        self,
+        runner: StepRunner,
+        signature: dict[str, Any],
+        pad_id: int,
+        capacity: int = _MIN_CAPACITY,  # KV slots of the first buffer (more if a prompt needs)
+    ) -> None:
         self.runner, self.signature, self.pad_id = runner, signature, pad_id
+        self.first_capacity = capacity
         self.inputs = {io["name"]: io for io in signature["inputs"]}
         self.state_inputs = [pair["input"] for pair in signature["state"]]
         self.n_state = len(self.state_inputs)
@@ -44,6 +51,11 @@ class Decoder:
         self.mask = np.zeros((0, 1), dtype=np.int64)  # KV: [batch, capacity + 1], last column 1
         self.positions: np.ndarray | None = None
         self._ids = np.zeros((0, 1), dtype=np.int64)
+
+    @property
+    def capacity(self) -> int:
+        """KV slots in the buffers now (0 for recurrent state)."""
+        return self.state[0].shape[self.axis] if self.kv_cache and self.state else 0
 
     def prefill(self, prompts: list[list[int]]) -> np.ndarray:
         """Start a batch: logits after each prompt's last token, [B, V]."""
@@ -116,7 +128,7 @@ class Decoder:
         axis, capacity = self.axis, self.state[0].shape[self.axis]
         if needed <= capacity:
             return
-        capacity = max(_MIN_CAPACITY, capacity)
+        capacity = max(self.first_capacity, capacity, 1)
         while capacity < needed:
             capacity *= 2
         filled = (slice(None),) * axis + (slice(0, self.length),)
