@@ -1,4 +1,5 @@
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from edgegen.bench import BenchOptions, run_bench
 from edgegen.bench import report as bench_report
 from edgegen.cli import main
 from edgegen.errors import BenchError
+from tests.conftest import copy_with_fp16
 
 ROW_KEYS = {
     "backend",
@@ -146,10 +148,53 @@ def test_cold_start_and_context_growth(trained_bundles):
         run_bench(quick(trained_bundles["gpt"][1], cold_repeat=-1), progress=False)
 
 
-def test_plot_or_a_note(trained_bundles, tmp_path):
-    report = run_bench(quick(trained_bundles["gru"][1], backends=("onnx",)), progress=False)
-    drawn = bench_report.plot(report, tmp_path / "p.png")
-    assert drawn == (tmp_path / "p.png").exists()
+def test_plot_or_a_note(trained_bundles, tmp_path, monkeypatch):
+    """The plot draws one line per row, its latency per position (matplotlib is a dev
+    dependency); without matplotlib, plot() says so and writes nothing."""
+    ckpt, bundle = trained_bundles["gru"]
+    report = run_bench(quick(bundle, ckpt, backends=("eager", "onnx")), progress=False)
+    import matplotlib.figure
+
+    saved, savefig = [], matplotlib.figure.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        saved.append([(line.get_label(), list(line.get_ydata())) for line in fig.axes[0].lines])
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    assert bench_report.plot(report, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert saved == [
+        [
+            (f"{r['backend']} {r['precision']}", [t * 1e3 for t in r["per_position_decode_s"]])
+            for r in report["rows"]
+        ]
+    ]
+    assert all(len(ys) == 19 for _, ys in saved[0])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert not bench_report.plot(report, tmp_path / "q.png")
+    assert not (tmp_path / "q.png").exists()
+
+
+def test_rows_that_cannot_run_are_skipped_with_the_reason(trained_bundles, tmp_path):
+    bundle = copy_with_fp16(trained_bundles["gru"][1], tmp_path / "b")
+    options = quick(bundle, backends=("eager", "onnx"), precisions=("fp32", "int8", "fp16"))
+    report = run_bench(options, progress=False)
+    assert [(r["backend"], r["precision"]) for r in report["rows"]] == [("onnx", "fp32")]
+    assert report["skipped"] == [
+        {"backend": "eager", "precision": "fp32", "skipped": "no checkpoint given"},
+        {"backend": "onnx", "precision": "int8", "skipped": "the bundle has no onnx int8 artifact"},
+        {
+            "backend": "onnx",
+            "precision": "fp16",
+            "skipped": "fp16 runs on a CUDA GPU (device cuda)",
+        },
+    ]
+    assert report["counts"] == {"run": 1, "skipped": 3}
+    lines = bench_report.table(report).splitlines()
+    assert lines[2].split()[:4] == ["eager", "fp32", "skipped:", "no"]
+    assert "Rows: 1 run, 3 skipped." in lines[-1]
+    assert "| onnx fp16 | skipped: fp16 runs on a CUDA GPU" in bench_report.markdown(report)
 
 
 @pytest.mark.gpu

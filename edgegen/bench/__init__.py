@@ -8,6 +8,10 @@ The first token (prefill) is timed apart from the decode steps. Long generations
 Ratios are computed between rows of the same run. The machine's memory read
 bandwidth is measured in the same run: the floor of a decode step is the bytes of
 weights it reads over that bandwidth.
+
+A row asked for that cannot run here (no checkpoint for eager, no such artifact in
+the bundle, fp16 or CUDA without a CUDA GPU) is reported as skipped, with the
+reason, apart from the rows measured.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ class BenchOptions:
 def run_bench(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
     options.validate()
     manifest = read_manifest(options.bundle)
-    rows = plan_rows(manifest, options)
+    rows, skipped = plan_rows(manifest, options)
     context = manifest.generation.get("max_seq_len")
     if context is not None and options.prompt_len + options.new_tokens > context:
         raise BenchError(
@@ -108,31 +112,55 @@ def run_bench(options: BenchOptions, progress: bool = True) -> dict[str, Any]:
         "versions": manifest.data["producer"] | {"edgegen_bench": edgegen.__version__},
         "memory_read_bandwidth_bytes_per_s": bandwidth,
         "rows": add_ratios(measured),
+        "skipped": skipped,
+        "counts": {"run": len(measured), "skipped": len(skipped)},
         "same_tokens": _same_tokens(measured),
         "cold_start": cold,
     }
 
 
-def plan_rows(manifest, options: BenchOptions) -> list[tuple[str, str, int]]:
-    """(backend, precision, weight bytes) for every row that can run."""
-    rows = []
+def plan_rows(manifest, options: BenchOptions) -> tuple[list[tuple[str, str, int]], list[dict]]:
+    """(backend, precision, weight bytes) for every row that can run, and a skipped row
+    {backend, precision, skipped: why} for every other row asked for."""
+    rows, skipped = [], []
     fp32_bytes = min(a.bytes for a in manifest.artifacts if a.precision == "fp32")
     for backend in options.backends:
-        if backend == "eager":
-            if options.checkpoint is None:
-                continue  # the CLI says so; the API just leaves the row out
-            rows.append(("eager", "fp32", fp32_bytes))
-            continue
-        for precision in options.precisions:
+        for precision in ("fp32",) if backend == "eager" else options.precisions:
             artifact = [
                 a for a in manifest.artifacts if a.format == backend and a.precision == precision
             ]
-            if artifact:
-                rows.append((backend, precision, artifact[0].bytes))
+            why = _cannot_run(backend, precision, bool(artifact), options)
+            if why:
+                skipped.append({"backend": backend, "precision": precision, "skipped": why})
+            else:
+                rows.append((backend, precision, artifact[0].bytes if artifact else fp32_bytes))
     if not rows:
         have = ", ".join(f"{a.format}/{a.precision}" for a in manifest.artifacts)
         raise BenchError(f"nothing to benchmark: the bundle has {have}")
-    return rows
+    return rows, skipped
+
+
+def _cannot_run(backend: str, precision: str, in_bundle: bool, options: BenchOptions) -> str:
+    """Why this row cannot run here, or ""."""
+    if backend == "eager" and options.checkpoint is None:
+        return "no checkpoint given"
+    if backend != "eager" and not in_bundle:
+        return f"the bundle has no {backend} {precision} artifact"
+    if precision == "fp16" and options.device != "cuda":
+        return "fp16 runs on a CUDA GPU (device cuda)"
+    if options.device == "cuda" and not _cuda_available(backend):
+        return "no CUDA GPU for " + ("ONNX Runtime" if backend == "onnx" else "torch")
+    return ""
+
+
+def _cuda_available(backend: str) -> bool:
+    if backend == "onnx":
+        from edgegen.runtime.backends import cuda_provider_available
+
+        return cuda_provider_available()
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def summarize(backend, precision, weight_bytes, figures, bandwidth, options) -> dict[str, Any]:

@@ -33,8 +33,17 @@ COLUMNS = (
 
 
 def _cells(report: dict[str, Any]) -> list[list[str]]:
-    return [[name for name, _ in COLUMNS]] + [
-        [cell(r) for _, cell in COLUMNS] for r in report["rows"]
+    """The header, a row of figures per row run, then one per row skipped (its reason
+    in the first figure's column, a dash in the others)."""
+    skipped = [
+        [f"{r['backend']} {r['precision']}", f"skipped: {r['skipped']}"]
+        + ["-"] * (len(COLUMNS) - 2)
+        for r in report.get("skipped", [])
+    ]
+    return [
+        [name for name, _ in COLUMNS],
+        *([cell(r) for _, cell in COLUMNS] for r in report["rows"]),
+        *skipped,
     ]
 
 
@@ -48,8 +57,10 @@ def _footer(report: dict[str, Any]) -> str:
             for r in quantized
         )
         same += f" (quantized rows agree with fp32 on: {agree})"
+    counts = f"Rows: {len(report['rows'])} run, {len(report.get('skipped', []))} skipped. "
     return (
-        f"batch {o['batch']}, prompt {o['prompt_len']} tokens, {o['new_tokens']} new tokens, "
+        counts
+        + f"batch {o['batch']}, prompt {o['prompt_len']} tokens, {o['new_tokens']} new tokens, "
         f"{_decoding(o)}, {o['warmup']} warm-up + {o['repeat']} timed runs, "
         f"threads {o['threads']}; "
         f"every fp32 row produced {same}. Memory read bandwidth "
