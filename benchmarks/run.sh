@@ -69,6 +69,8 @@ run gru-base --family rnn --cell gru --preset base -- --steps 4 --batch-size 2 -
     echo
     cat benchmarks/before.md
     echo
+    cat benchmarks/kv_cache.md
+    echo
     echo "## Every row"
     echo
     cat "$RESULTS"
