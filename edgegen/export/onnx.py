@@ -12,12 +12,14 @@ with every axis dynamic.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import onnx
 import torch
 
 from edgegen.errors import ExportError, first_line
+from edgegen.export.fused import check_model, ort_kernels
 from edgegen.export.spec import StepSpec
 from edgegen.quiet import quiet
 
@@ -36,9 +38,11 @@ def export_onnx(spec: StepSpec, path: Path, opset: int = DEFAULT_OPSET) -> None:
     example = tuple(spec.example(batch=3, seq=7, past=5).values())
     if spec.is_gpt:
         how = dict(dynamo=True, dynamic_shapes=spec.dynamic_shapes(), external_data=False)
+        kernels = ort_kernels(spec.module.model)
     else:
         how = dict(dynamo=False, dynamic_axes=spec.dynamic_axes())
-    with quiet("torch.onnx", "torch.export", "torch._dynamo"), torch.no_grad():
+        kernels = nullcontext()
+    with quiet("torch.onnx", "torch.export", "torch._dynamo"), torch.no_grad(), kernels:
         try:
             torch.onnx.export(
                 spec.module,
@@ -76,7 +80,7 @@ def name_dims(path: Path, spec: StepSpec) -> None:
             else:
                 dim.dim_value = want
     strip_debug_info(model)
-    onnx.checker.check_model(model)
+    check_model(model)
     onnx.save(model, str(path))
 
 

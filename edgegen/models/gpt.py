@@ -13,6 +13,7 @@ a real token, 0 for padding) and, optionally, `position_ids` [B, T].
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -137,7 +138,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kvh, T, hs)
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q, k = rope(q), rope(k)
         dropout = self.dropout if self.training else 0.0
         y = attend(q, k, v, past_k, past_v, bias, dropout)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, dim)
@@ -211,7 +212,8 @@ def make_norm(config: GPTConfig) -> nn.Module:
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for rotary position embeddings, computed from position ids."""
+    """Rotary position embeddings: for position ids, the function that rotates a query
+    or key tensor [B, heads, T, hs] to those positions (cos/sin computed from the ids)."""
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
@@ -220,7 +222,8 @@ class Rotary(nn.Module):
 
     def forward(self, position_ids: torch.Tensor):
         angles = position_ids[..., None].float() * self.inv_freq  # (B, T, hs/2)
-        return angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, T, hs/2) each
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, T, hs/2) each
+        return partial(apply_rotary, cos=cos, sin=sin)
 
 
 class Sinusoidal(nn.Module):
