@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from edgegen.config import RNN_CELLS, parse_override
-from edgegen.errors import EdgegenError, first_line
+from edgegen.errors import EdgegenError, PeerStopped, first_line
 
 
 class OneLineError(click.ClickException):
@@ -27,11 +27,14 @@ class EdgegenGroup(click.Group):
     """Every error becomes one line on stderr and a non-zero exit; --debug adds the
     traceback. edgegen's own errors and OS errors exit 1, usage errors 2, Ctrl-C 130."""
 
-    def make_context(self, *args, **kwargs) -> click.Context:
+    def make_context(self, info_name, args, *rest, **kwargs) -> click.Context:
+        argv = list(args)
         try:
-            return super().make_context(*args, **kwargs)
+            ctx = super().make_context(info_name, args, *rest, **kwargs)
         except click.UsageError as e:
             raise _one_line(e) from None
+        ctx.meta["edgegen.argv"] = argv  # what `train --nproc` starts each process with
+        return ctx
 
     def invoke(self, ctx: click.Context):
         try:
@@ -46,6 +49,8 @@ class EdgegenGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except PeerStopped:  # one rank of a distributed run: rank 0 says why
+            ctx.exit(1)
         except Exception as e:
             if ctx.obj and ctx.obj.get("debug"):  # set by the group's callback
                 traceback.print_exc()
@@ -118,7 +123,20 @@ def main(ctx: click.Context, debug: bool) -> None:
     help="Fine-tune this checkpoint: keep its architecture and tokenizer.",
 )
 @click.option("--steps", type=int, default=1000, show_default=True, help="Total optimizer steps.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Rows per micro-batch, shared by all processes.",
+)
+@click.option(
+    "--grad-accum",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Micro-batches per optimizer step (as one batch that many times larger).",
+)
 @click.option(
     "--seq-len",
     type=int,
@@ -150,15 +168,35 @@ def main(ctx: click.Context, debug: bool) -> None:
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--nproc",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Train in N processes (DDP: gloo on CPU, one GPU each with nccl), as torchrun does.",
+)
 @click.option("--resume", is_flag=True, help="Continue the checkpoint in --out up to --steps.")
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint in --out.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def train_command(overrides, resume, force, quiet, **kwargs) -> None:
-    """Train a model (or resume one, or fine-tune one with --init) and write its checkpoint."""
+@click.pass_context
+def train_command(ctx, overrides, resume, force, quiet, nproc, **kwargs) -> None:
+    """Train a model (or resume one, or fine-tune one with --init) and write its checkpoint.
+    Under torchrun, each process is one rank of the run."""
+    from edgegen.launch import check_world, launch, launched_size
+
+    size = launched_size()
+    if size is not None and nproc not in (1, size):
+        raise click.UsageError(f"--nproc {nproc} differs from the {size} processes started")
+    check_world(nproc, kwargs["batch_size"])
+    if nproc > 1 and size is None:
+        ctx.exit(launch(ctx.meta["edgegen.argv"], nproc))
+
     from edgegen.train import TrainOptions, train
 
     options = TrainOptions(overrides=dict(parse_override(o) for o in overrides), **kwargs)
     result = train(options, resume=resume, force=force, progress=not quiet)
+    if result.rank != 0:
+        return
     val = f"{result.val_bpb:.3f} bits/byte" if result.val_bpb is not None else "n/a"
     state = "stopped early, resumable with --resume" if result.interrupted else "done"
     click.echo(

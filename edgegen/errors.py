@@ -35,6 +35,11 @@ class TrainingError(EdgegenError):
     """A training run cannot go on (e.g. its loss stopped being finite)."""
 
 
+class PeerStopped(EdgegenError):
+    """A rank of a distributed run stops because another one failed; rank 0 says why
+    (so the CLI ends this rank quietly)."""
+
+
 class SamplingError(EdgegenError, ValueError):
     """A sampling parameter is out of range."""
 

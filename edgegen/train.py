@@ -1,7 +1,9 @@
 """Training loop (CPU, CUDA with bf16 autocast): AdamW, warm-up + cosine schedule,
-gradient clipping, periodic validation in bits per byte, exact resume. A run starts
-from a new model (byte tokenizer) or, fine-tuning, from a checkpoint (`init`), whose
-architecture and tokenizer it keeps.
+gradient clipping, gradient accumulation, periodic validation in bits per byte, exact
+resume. A run starts from a new model (byte tokenizer) or, fine-tuning, from a checkpoint
+(`init`), whose architecture and tokenizer it keeps. It runs in one process or in several
+(torchrun, `--nproc`; distributed.py) with the same result: the loss of a step is the sum
+of its per-token losses over the whole batch's token count, whichever rank computed them.
 
 A checkpoint holds the model files (checkpoint.py) plus `train_state.json`,
 `train_state.safetensors` (optimizer moments, RNG, carried RNN state) and
@@ -10,6 +12,7 @@ A checkpoint holds the model files (checkpoint.py) plus `train_state.json`,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -31,8 +35,10 @@ from edgegen.batches import DocumentBatches, WindowBatches, eval_windows, tokeni
 from edgegen.checkpoint import load_checkpoint, write_model_files
 from edgegen.config import PRESETS, GPTConfig, ModelConfig, config_to_dict, preset
 from edgegen.corpus import Corpus, load_corpus
-from edgegen.errors import CheckpointError, ConfigError, TrainingError
+from edgegen.distributed import PeerLost, World
+from edgegen.errors import CheckpointError, ConfigError, PeerStopped, TrainingError
 from edgegen.files import check_seal, seal, write_atomically, write_json
+from edgegen.launch import check_world
 from edgegen.models import build_model, count_parameters
 from edgegen.output import claim_output, try_recover
 from edgegen.progress import ProgressLine
@@ -58,7 +64,8 @@ class TrainOptions:
     init: str | None = None  # checkpoint to fine-tune; None = a new model
     out: str = "runs/model"  # checkpoint directory
     steps: int = 1000  # total optimizer steps
-    batch_size: int = 32
+    batch_size: int = 32  # rows of each micro-batch, shared by all processes
+    grad_accum: int = 1  # micro-batches per optimizer step: a step's batch is batch_size * this
     seq_len: int | None = None  # GPT window; None = max_seq_len (with init: <= INIT_SEQ_LEN)
     bptt: int = 64  # RNN truncated-BPTT length
     lr: float | None = None  # peak learning rate; None = DEFAULT_LR of the preset, or INIT_LR
@@ -73,7 +80,7 @@ class TrainOptions:
     device: str = "auto"  # "auto", "cpu" or "cuda"
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "bptt", "eval_interval", "eval_tokens"):
+        for name in ("steps", "batch_size", "grad_accum", "bptt", "eval_interval", "eval_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.seq_len is not None and self.seq_len < 1:
@@ -92,6 +99,11 @@ class TrainOptions:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    @property
+    def step_batch(self) -> int:
+        """Rows per optimizer step, over all micro-batches and processes."""
+        return self.batch_size * self.grad_accum
 
     @property
     def peak_lr(self) -> float:
@@ -119,6 +131,7 @@ class TrainResult:
     val_bpb: float | None  # last validation figure
     log: dict[str, list[dict[str, float]]]
     interrupted: bool = False
+    rank: int = 0  # in a distributed run, the process this result is from (0 reports)
 
 
 def train(
@@ -137,36 +150,47 @@ def train(
     and the evaluation/save intervals come from `options`, and any other option set
     to a value that differs from the saved run is refused. `on_step(step, loss)`
     returning True stops the run after saving a checkpoint, as Ctrl-C does.
+
+    Started by torchrun (or `edgegen train --nproc`), this is one rank of a distributed
+    run: rank 0 claims the output, validates and writes; `on_step` runs on every rank.
     """
+    world = World.from_env()
+    with world.running(options.device), contextlib.ExitStack() as claimed:
+        world.on_main(lambda: claimed.enter_context(_claim(options, resume, force)))
+        return _train_claimed(options, resume, progress and world.is_main, on_step, world)
+
+
+def _claim(options: TrainOptions, resume: bool, force: bool):
     out = Path(options.out)
     inputs = [path for path in (options.data, options.init) if path]
     if resume and not (out / STATE_FILE).is_file() and not out.is_symlink():
         try_recover(out)
         if not (out / STATE_FILE).is_file():
             raise CheckpointError(f"nothing to resume: no training checkpoint in {out}")
-    with claim_output(out, "checkpoint", inputs=inputs, force=force, existing=resume):
-        return _train_claimed(options, resume, progress, on_step)
+    return claim_output(out, "checkpoint", inputs=inputs, force=force, existing=resume)
 
 
-def _train_claimed(options: TrainOptions, resume: bool, progress: bool, on_step) -> TrainResult:
-    out = Path(options.out)
-    saved = _read_train_state(out) if resume else None
-    if saved is not None:
-        options = _resumed_options(saved["options"], options)
-    options.validate()
-    device = resolve_device(options.device)
-    torch.manual_seed(options.seed)
-    model, tokenizer = _starting_model(options, saved is not None, device)
-    if options.init and saved is None:
-        options = _init_options(options, model.config)
-    corpus = load_corpus(options.data)
-    if saved is not None and saved["corpus"] != corpus.fingerprint():
-        raise CheckpointError(f"the training text changed since {out} was saved; cannot resume")
-    task = make_task(options, model.config, corpus, tokenizer, device)
-    optimizer = make_optimizer(model, options)
-    run = Run(options, model, optimizer, task, tokenizer, corpus, device)
-    if saved is not None:
-        run.restore(out, saved)
+def _train_claimed(options, resume: bool, progress: bool, on_step, world: World) -> TrainResult:
+    with world.together():  # the same checks on every rank; rank 0 reports a failure
+        out = Path(options.out)
+        saved = _read_train_state(out) if resume else None
+        if saved is not None:
+            options = _resumed_options(saved["options"], options)
+        options.validate()
+        check_world(world.size, options.batch_size)
+        device = world.device(options.device)
+        torch.manual_seed(options.seed)
+        model, tokenizer = _starting_model(options, saved is not None, device)
+        if options.init and saved is None:
+            options = _init_options(options, model.config)
+        corpus = load_corpus(options.data)
+        if saved is not None and saved["corpus"] != corpus.fingerprint():
+            raise CheckpointError(f"the training text changed since {out} was saved; cannot resume")
+        task = make_task(options, model, corpus, tokenizer, device)
+        optimizer = make_optimizer(model, options)
+        run = Run(options, model, optimizer, task, tokenizer, corpus, world)
+        if saved is not None:
+            run.restore(out, saved)
     return run.loop(progress, on_step)
 
 
@@ -241,14 +265,6 @@ def _resumed_options(saved: TrainOptions, asked: TrainOptions) -> TrainOptions:
     return dataclasses.replace(saved, **{k: getattr(asked, k) for k in RESUME_KEEPS})
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for, but torch sees no CUDA GPU")
-    return torch.device(name)
-
-
 def lr_at(step: int, options: TrainOptions) -> float:
     """Linear warm-up, then cosine decay to lr * min_lr_ratio at the last step."""
     warmup = (
@@ -275,9 +291,11 @@ def make_optimizer(model: torch.nn.Module, options: TrainOptions) -> torch.optim
 class Run:
     """The mutable state of one training run: step, log, and what a checkpoint saves."""
 
-    def __init__(self, options, model, optimizer, task, tokenizer, corpus, device) -> None:
+    def __init__(self, options, model, optimizer, task, tokenizer, corpus, world: World) -> None:
         self.options, self.model, self.optimizer, self.task = options, model, optimizer, task
-        self.tokenizer, self.corpus, self.device = tokenizer, corpus, device
+        self.tokenizer, self.corpus, self.device = tokenizer, corpus, task.device
+        self.world = world
+        self.trained = world.wrap(task.trainable())  # what the steps call (DDP in a group)
         self.step = 0
         self.saved_step: int | None = None  # the last step this run (or the one resumed) saved
         self.log: dict[str, list[dict[str, float]]] = {"train": [], "val": []}
@@ -286,20 +304,25 @@ class Run:
         opts = self.options
         save_every = opts.save_interval or opts.eval_interval
         bar = ProgressLine(opts.steps, enabled=progress, every=max(1, opts.steps // 20))
-        if not self.log["val"]:
-            self.validate()
         interrupted = False
         try:  # an error (a diverged run) must not leave its line glued to the bar's
+            if not self.log["val"]:
+                self.world.on_main(self.validate)
             with _stop_on_sigint() as stop:
                 while self.step < opts.steps and not interrupted:
                     loss, tokens_per_s = self.train_step()
                     last = self.step == opts.steps
                     if self.step % opts.eval_interval == 0 or last:
-                        self.validate()
-                    bar.update(self.step, self.describe(loss, tokens_per_s))
-                    interrupted = bool(on_step and on_step(self.step, loss)) or stop.is_set()
+                        self.world.on_main(self.validate)
+                    if bar.enabled:  # rank 0 (the others do not validate)
+                        bar.update(self.step, self.describe(loss, tokens_per_s))
+                    asked = bool(on_step and on_step(self.step, loss)) or stop.is_set()
+                    interrupted = self.world.any(asked, self.device)  # the ranks stop together
                     if self.step % save_every == 0 or last or interrupted:
                         self.save()
+        except PeerLost as e:
+            stopped = f"training stopped at step {self.step}: {e}"
+            raise TrainingError(f"{stopped}; {self.kept()}") from None
         finally:
             bar.close()
         return TrainResult(
@@ -309,26 +332,35 @@ class Run:
             val_bpb=self.log["val"][-1]["bpb"] if self.log["val"] else None,
             log=self.log,
             interrupted=interrupted,
+            rank=self.world.rank,
         )
 
     def train_step(self) -> tuple[float, float]:
+        """One optimizer step over `grad_accum` micro-batches, each shared by the ranks."""
         start = time.perf_counter()
-        self.model.train()
+        self.trained.train()
         lr = lr_at(self.step, self.options)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with _autocast(self.device):
-            loss, n_tokens = self.task.loss(self.model, self.step)
+        batch, n_micro = self.task.batch(self.step), self.options.grad_accum
+        total = torch.zeros((), device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with self.world.collective():
+            for micro in range(n_micro):
+                rows = self.world.rows(batch.n_rows, micro, n_micro)
+                with self.world.no_sync(self.trained, micro == n_micro - 1):
+                    with _autocast(self.device):
+                        loss = self.task.loss(self.trained, batch, rows) / batch.n_tokens
+                    (loss * self.world.size).backward()  # DDP averages the ranks' gradients
+                total += loss.detach()
+            value = self.world.sum(total).item()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.options.grad_clip)
-        value = loss.item()
         if not (math.isfinite(value) and math.isfinite(norm.item())):
             what = "loss" if not math.isfinite(value) else "gradient norm"
             self.diverged(f"{what} {value if what == 'loss' else norm.item()}")
         self.optimizer.step()
         self.step += 1
-        tokens_per_s = n_tokens / (time.perf_counter() - start)
+        tokens_per_s = batch.n_tokens / (time.perf_counter() - start)
         entry = {"step": self.step, "loss": value, "lr": lr, "tokens_per_s": tokens_per_s}
         self.log["train"].append(entry)
         return value, tokens_per_s
@@ -345,18 +377,20 @@ class Run:
 
     def diverged(self, what: str, validating: bool = False) -> None:
         """Stop without saving: the last checkpoint on disk is the last finite one."""
-        out, step = Path(self.options.out), self.step + (not validating)
-        kept = (
-            f"{out} keeps this run's last finite checkpoint (step {self.saved_step})"
-            if self.saved_step is not None
-            else f"{out} is left as it was"
-            if out.exists()
-            else "nothing was written"
-        )
+        if not self.world.is_main:  # every rank sees the same loss; rank 0 reports it
+            raise PeerStopped(what)
+        step = self.step + (not validating)
         raise TrainingError(
             f"training diverged at step {step}: {what}; the learning rate "
-            f"({self.options.peak_lr:g}) is likely too high. {kept}"
+            f"({self.options.peak_lr:g}) is likely too high. {self.kept()}"
         )
+
+    def kept(self) -> str:
+        """What the output holds now that the run stops early."""
+        out = Path(self.options.out)
+        if self.saved_step is not None:
+            return f"{out} keeps this run's last finite checkpoint (step {self.saved_step})"
+        return f"{out} is left as it was" if out.exists() else "nothing was written"
 
     def describe(self, loss: float, tokens_per_s: float) -> str:
         val = self.log["val"][-1]
@@ -366,9 +400,16 @@ class Run:
         )
 
     def save(self) -> None:
+        """Rank 0 writes the checkpoint while the others wait; the carried RNN state is
+        gathered first, since each rank carries only its own rows of it."""
+        carry = tuple(self.world.sum(t) for t in self.task.carry)
+        self.world.on_main(lambda: self._write(carry))
+        self.saved_step = self.step
+
+    def _write(self, carry: tuple[torch.Tensor, ...]) -> None:
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             self.diverged("the weights are no longer finite", validating=True)
-        tensors = {f"carry.{i}": t.contiguous() for i, t in enumerate(self.task.carry)}
+        tensors = {f"carry.{i}": t.contiguous() for i, t in enumerate(carry)}
         tensors["rng.cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
@@ -392,7 +433,6 @@ class Run:
             seal(tmp)
 
         write_atomically(Path(self.options.out), fill)
-        self.saved_step = self.step
 
     def restore(self, directory: Path, saved: dict[str, Any]) -> None:
         """The optimizer, RNG and carried state (the weights came with the model)."""
@@ -422,12 +462,22 @@ class Run:
 # --- what each family trains on -------------------------------------------------
 
 
-def make_task(options, config, corpus: Corpus, tokenizer: Tokenizer, device):
+@dataclass
+class StepBatch:
+    """The whole batch of one step, which every rank builds; each computes its own rows."""
+
+    step: int
+    data: Any  # what the task's loss reads
+    n_rows: int  # rows the micro-batches and ranks share
+    n_tokens: int  # targets in the whole batch: the step's loss is their mean
+
+
+def make_task(options, model, corpus: Corpus, tokenizer: Tokenizer, device):
     train_docs = tokenize_documents(corpus.train, tokenizer)
     val_docs = tokenize_documents(corpus.val, tokenizer)
-    if isinstance(config, GPTConfig):
-        return WindowTask(options, config, train_docs, val_docs, tokenizer, device)
-    return DocumentTask(options, train_docs, val_docs, tokenizer, device)
+    if isinstance(model.config, GPTConfig):
+        return WindowTask(options, model, train_docs, val_docs, tokenizer, device)
+    return DocumentTask(options, model, train_docs, val_docs, tokenizer, device)
 
 
 def text_bytes(tokenizer: Tokenizer, device) -> torch.Tensor:
@@ -445,18 +495,28 @@ class WindowTask:
 
     carry: tuple[torch.Tensor, ...] = ()
 
-    def __init__(self, options, config: GPTConfig, train_docs, val_docs, tokenizer, device):
-        self.seq_len = options.window(config)
-        if self.seq_len > config.max_seq_len:
-            raise ConfigError(f"seq_len {self.seq_len} exceeds max_seq_len {config.max_seq_len}")
-        self.batches = WindowBatches(train_docs, self.seq_len, options.batch_size, options.seed)
-        self.val_docs, self.options, self.device = val_docs, options, device
+    def __init__(self, options, model, train_docs, val_docs, tokenizer, device):
+        self.seq_len = options.window(model.config)
+        if self.seq_len > model.config.max_seq_len:
+            raise ConfigError(
+                f"seq_len {self.seq_len} exceeds max_seq_len {model.config.max_seq_len}"
+            )
+        self.batches = WindowBatches(train_docs, self.seq_len, options.step_batch, options.seed)
+        self.model, self.val_docs, self.options, self.device = model, val_docs, options, device
         self.bytes_of = text_bytes(tokenizer, device)
 
-    def loss(self, model, step: int):
-        x, y = (torch.from_numpy(a).to(self.device) for a in self.batches.train_batch(step))
-        logits = model(x)[0]
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), y.numel()
+    def trainable(self) -> torch.nn.Module:
+        return self.model
+
+    def batch(self, step: int) -> StepBatch:
+        x, y = self.batches.train_batch(step)
+        return StepBatch(step, (x, y), len(x), y.size)
+
+    def loss(self, trained, batch: StepBatch, rows: np.ndarray) -> torch.Tensor:
+        """The sum of the per-token losses of `rows`."""
+        x, y = (torch.from_numpy(a[rows]).to(self.device) for a in batch.data)
+        logits = trained(x)[0]
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
 
     def evaluate(self, model) -> tuple[float, int, int]:
         nll, n_targets, n_bytes = 0.0, 0, 0
@@ -470,27 +530,67 @@ class WindowTask:
         return nll, n_targets, n_bytes
 
 
-class DocumentTask:
-    """RNN: packed document batches, state carried across chunks (truncated BPTT)."""
+class PackedRNN(torch.nn.Module):
+    """An RNN's packed forward as a module's forward, which DistributedDataParallel calls."""
 
-    def __init__(self, options, train_docs, val_docs, tokenizer, device) -> None:
-        common = dict(bptt=options.bptt, batch_size=options.batch_size, pad_id=tokenizer.pad_id)
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, lengths, *state):
+        return self.model.forward_packed(input_ids, lengths, *state)
+
+
+class DocumentTask:
+    """RNN: packed document batches, state carried across chunks (truncated BPTT).
+
+    The carried state has one row per row of the batch still running; a rank fills in
+    the rows it computes and leaves the others zero, so the ranks' sum is the whole
+    state (what a checkpoint saves, whatever the number of processes)."""
+
+    def __init__(self, options, model, train_docs, val_docs, tokenizer, device) -> None:
+        common = dict(bptt=options.bptt, batch_size=options.step_batch, pad_id=tokenizer.pad_id)
         self.batches = DocumentBatches(train_docs, seed=options.seed, **common)
         self.val_batches = DocumentBatches(val_docs, seed=options.seed, **common)
-        self.options, self.device = options, device
+        self.model, self.options, self.device = model, options, device
+        self.pad_id = tokenizer.pad_id
         self.bytes_of = text_bytes(tokenizer, device)
         self.carry: tuple[torch.Tensor, ...] = ()
+        self._carry_in: tuple[torch.Tensor, ...] = ()
 
-    def loss(self, model, step: int):
+    def trainable(self) -> torch.nn.Module:
+        return PackedRNN(self.model)
+
+    def batch(self, step: int) -> StepBatch:
         chunk = self.batches.train_chunk(step)
-        logits, y, self.carry = self._run(model, chunk, self.carry)
-        self.carry = tuple(s.detach() for s in self.carry)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), int(chunk.lengths.sum())
+        running = int((chunk.lengths > 0).sum())
+        self._carry_in = self.carry
+        self.carry = tuple(torch.zeros_like(s) for s in self.model.init_state(running))
+        return StepBatch(step, chunk, len(chunk.lengths), int(chunk.lengths.sum()))
+
+    def loss(self, trained, batch: StepBatch, rows: np.ndarray) -> torch.Tensor:
+        """The sum of the per-token losses of `rows`; their new state is carried."""
+        chunk = batch.data
+        rows = rows[chunk.lengths[rows] > 0]  # those still running
+        if not len(rows):
+            return self._idle(trained)
+        logits, y, index, new_state = self._run(trained, chunk, rows, self._carry_in)
+        for carry, state in zip(self.carry, new_state, strict=True):
+            carry[:, index] = state.detach()
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+
+    def _idle(self, trained) -> torch.Tensor:
+        """A rank whose rows have all ended still takes part in the step (DDP reduces every
+        parameter's gradient): one padding token, weighted 0."""
+        x = torch.full((1, 1), self.pad_id, dtype=torch.int64, device=self.device)
+        logits = trained(x, torch.ones(1, dtype=torch.int64), *self.model.init_state(1))[0]
+        return logits.sum() * 0.0
 
     def evaluate(self, model) -> tuple[float, int, int]:
         nll, n_targets, n_bytes, carry = 0.0, 0, 0, ()
         for chunk in self.val_batches.eval_chunks(self.options.eval_tokens):
-            logits, y, carry = self._run(model, chunk, carry)
+            rows = np.flatnonzero(chunk.lengths > 0)  # a prefix: rows still running
+            logits, y, _, carry = self._run(model.forward_packed, chunk, rows, carry)
             nll += F.cross_entropy(
                 logits.flatten(0, 1).float(), y.flatten(), reduction="sum"
             ).item()
@@ -498,14 +598,17 @@ class DocumentTask:
             n_bytes += int(self.bytes_of[y[y >= 0]].sum())
         return nll, n_targets, n_bytes
 
-    def _run(self, model, chunk, carry):
-        rows = int((chunk.lengths > 0).sum())  # rows still running: a prefix (longest first)
-        state = model.init_state(rows) if chunk.first else tuple(s[:, :rows] for s in carry)
-        x = torch.from_numpy(chunk.inputs[:rows]).to(self.device)
-        y = torch.from_numpy(chunk.targets[:rows]).to(self.device)
-        lengths = torch.from_numpy(chunk.lengths[:rows])
-        logits, *new_state = model.forward_packed(x, lengths, *state)
-        return logits, y, tuple(new_state)
+    def _run(self, forward, chunk, rows: np.ndarray, carry):
+        """`rows` of `chunk` from their carried state (zero where the chunk starts its
+        documents): (logits, targets, the rows as a tensor, their new state)."""
+        index = torch.from_numpy(rows).to(self.device)
+        if chunk.first:
+            state = self.model.init_state(len(rows))
+        else:
+            state = tuple(s[:, index] for s in carry)
+        x, y = (torch.from_numpy(a[rows]).to(self.device) for a in (chunk.inputs, chunk.targets))
+        logits, *new_state = forward(x, torch.from_numpy(chunk.lengths[rows]), *state)
+        return logits, y, index, tuple(new_state)
 
 
 # --- helpers ---------------------------------------------------------------------

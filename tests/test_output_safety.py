@@ -265,9 +265,9 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(
     before = snapshot(out)
     real = edgegen.train.WindowTask.loss
 
-    def nan_from_step_4(self, model, step):
-        loss, n = real(self, model, step)
-        return (loss * math.nan if step >= 4 else loss), n
+    def nan_from_step_4(self, trained, batch, rows):
+        loss = real(self, trained, batch, rows)
+        return loss * math.nan if batch.step >= 4 else loss
 
     monkeypatch.setattr(edgegen.train.WindowTask, "loss", nan_from_step_4)
     with pytest.raises(TrainingError, match=r"diverged at step 5: loss nan.*learning rate"):
