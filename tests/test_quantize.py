@@ -1,6 +1,7 @@
 import json
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
@@ -10,14 +11,20 @@ from edgegen.cli import main
 from edgegen.errors import BackendError, BundleError, ExportError, ParityError
 from edgegen.export import FORMATS, QuantizeOptions, export_bundle, quantize_bundle
 from edgegen.export.quantize import SUPPORTED
+from edgegen.runtime.decoder import Decoder
 from edgegen.verify import verify_bundle
 
 FAMILIES = ["gpt", "gru", "lstm", "rnn"]
-TESTED = {("onnx", "int8"), ("onnx", "int4"), ("torchscript", "int8"), ("onnx", "fp16")}
+PRECISIONS = ("int8", "int4")  # every family's bundle below has these; fp16 in the GPU test
+FP16 = ("onnx", "fp16")
 
 
-def test_every_quantized_combination_is_tested():
-    assert SUPPORTED == TESTED  # int8/int4 below; fp16 in the GPU test
+def test_every_quantized_combination_is_tested(quantized):
+    """What the bundles under test really hold, plus the GPU test's fp16."""
+    for name in FAMILIES:
+        _, manifest = quantized[name]
+        made = {(a.format, a.precision) for a in manifest.artifacts if a.precision != "fp32"}
+        assert made | {FP16} == SUPPORTED, name
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +34,7 @@ def quantized(trained_bundles, tmp_path_factory):
     out = {}
     for name in FAMILIES:
         ckpt = trained_bundles[name][0]
-        options = QuantizeOptions(precisions=("int8", "int4"))
+        options = QuantizeOptions(precisions=PRECISIONS)
         out[name] = (ckpt, export_bundle(ckpt, root / name, quantize=options))
     return out
 
@@ -36,11 +43,7 @@ def quantized(trained_bundles, tmp_path_factory):
 def test_quantized_artifacts_pass_their_gates_and_shrink(quantized, name):
     _, manifest = quantized[name]
     kinds = {(a.format, a.precision) for a in manifest.artifacts}
-    assert kinds == {(f, "fp32") for f in FORMATS} | {
-        ("onnx", "int8"),
-        ("onnx", "int4"),
-        ("torchscript", "int8"),
-    }
+    assert kinds == {(f, "fp32") for f in FORMATS} | (SUPPORTED - {FP16})
     fp32 = {a.format: a.bytes for a in manifest.artifacts if a.precision == "fp32"}
     reports = manifest.data["parity"]["artifacts"]
     for artifact in manifest.artifacts:
@@ -54,14 +57,24 @@ def test_quantized_artifacts_pass_their_gates_and_shrink(quantized, name):
         limit = 0.5 if artifact.format == "onnx" else 0.8  # a traced GPT's code is ~100 KB
         assert artifact.bytes <= limit * fp32[artifact.format], artifact.path
         assert artifact.quantization["method"]
-    onnx_int8 = manifest.artifact("onnx", "int8")
-    assert onnx_int8.quantization["quantized_fraction"] > 0.95
+    onnx_int8, onnx_int4 = manifest.artifact("onnx", "int8"), manifest.artifact("onnx", "int4")
+    for artifact in (onnx_int8, onnx_int4):
+        assert artifact.quantization["quantized_fraction"] > 0.95, artifact.path
     int8_op = "MatMulInteger" if name != "gpt" else "MatMulNBits"  # block-wise for transformers
     assert int8_op in onnx_int8.quantization["quantized_ops"]
-    assert (
-        "MatMulNBits" in manifest.artifact("onnx", "int4").quantization["quantized_ops"]
-        or name != "gpt"
-    )
+    # int4 weights: a transformer's MatMuls as 4-bit MatMulNBits; an RNN's recurrent
+    # weights as INT4 tensors behind the DequantizeLinear that feeds the native cell op
+    graph = onnx.load(str(manifest.path_of(onnx_int4))).graph
+    if name == "gpt":
+        bits = [a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute]
+        assert 4 in bits and "MatMulNBits" in onnx_int4.quantization["quantized_ops"]
+    else:
+        types = {t.name: t.data_type for t in graph.initializer}
+        source = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+        cell = next(n for n in graph.node if n.op_type in ("RNN", "GRU", "LSTM"))
+        w, r = (types.get(source.get(name)) for name in cell.input[1:3])
+        assert w == onnx.TensorProto.INT4  # R is 48 wide, not a multiple of the block: int8
+        assert r in (onnx.TensorProto.INT4, onnx.TensorProto.INT8)
 
 
 def test_transformer_int8_is_block_wise_with_the_head(quantized):
@@ -136,16 +149,23 @@ def test_weight_only_dequantization_is_folded_at_load(quantized, name):
     "backend,precision", [("onnx", "int8"), ("onnx", "int4"), ("torchscript", "int8")]
 )
 def test_runtime_runs_quantized_artifacts(quantized, name, backend, precision):
+    """The quantized artifact is the one that runs (its logits are not fp32's), and its
+    greedy tokens start as fp32's do."""
     _, manifest = quantized[name]
     gen = edgegen.runtime.load(manifest.directory, backend=backend, precision=precision)
-    result = gen.generate_batch(
-        ["The quick", "A"], temperature=0, max_new_tokens=16, ignore_eos=True
-    )
-    assert [len(r.token_ids) for r in result] == [16, 16]
+    fp32 = edgegen.runtime.load(manifest.directory, backend=backend)
+    prompts = [gen.encode_prompt(p) for p in ("The quick", "A")]
+    logits = [Decoder(g.runner, g.signature, 0).prefill(prompts) for g in (gen, fp32)]
+    assert 1e-6 < np.abs(logits[0] - logits[1]).max() < 0.5 * np.abs(logits[1]).max()
+    params = dict(temperature=0, max_new_tokens=16, ignore_eos=True)
+    result = gen.generate_batch(["The quick", "A"], **params)
+    want = fp32.generate_batch(["The quick", "A"], **params)
+    assert [r.token_ids[0] for r in result] == [w.token_ids[0] for w in want]
 
 
-def test_verify_covers_quantized_artifacts(quantized):
-    ckpt, manifest = quantized["gpt"]
+@pytest.mark.parametrize("name", FAMILIES)
+def test_verify_covers_quantized_artifacts(quantized, name):
+    ckpt, manifest = quantized[name]
     report = verify_bundle(manifest.directory, ckpt, levels=(4, 6))
     assert report.passed, report.table()
     checked = {c.artifact for c in report.checks if c.level == 4}
@@ -267,8 +287,14 @@ def test_fp16_on_cuda(trained_bundles, tmp_path):
     ckpt = trained_bundles["gpt"][0]
     manifest = export_bundle(ckpt, tmp_path / "b", quantize=QuantizeOptions(precisions=("fp16",)))
     assert manifest.artifact("onnx", "fp16").bytes < 0.6 * manifest.artifact("onnx", "fp32").bytes
-    gen = edgegen.runtime.load(tmp_path / "b", precision="fp16", device="cuda")
-    assert len(gen.generate("The", max_new_tokens=8, ignore_eos=True).token_ids) == 8
+    assert manifest.data["parity"]["artifacts"]["model.fp16.onnx"]["passed"]
+    fmt, precision = FP16
+    gen = edgegen.runtime.load(tmp_path / "b", fmt, precision=precision, device="cuda")
+    fp32 = edgegen.runtime.load(tmp_path / "b")
+    params = dict(temperature=0, max_new_tokens=8, ignore_eos=True)
+    assert (
+        gen.generate("The", **params).token_ids[:4] == fp32.generate("The", **params).token_ids[:4]
+    )
 
 
 def test_transformer_int4_falls_back_to_hqq_when_rounding_fails_the_gate(
