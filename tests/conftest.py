@@ -99,3 +99,20 @@ def copy_with_fp16(bundle, dest):
     manifest["artifacts"].append({**fp32, "path": "model.fp16.onnx", "precision": "fp16"})
     (dest / "manifest.json").write_text(json.dumps(manifest))
     return dest
+
+
+def parametrized(test, argname: str) -> list:
+    """The values `test` is parametrized with for `argname`, read from its marks, so a
+    coverage guard compares what really runs (not a second list kept by hand)."""
+    for mark in getattr(test, "pytestmark", []):
+        if mark.name != "parametrize":
+            continue
+        names = mark.args[0]
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        if argname in names:
+            param, single = type(pytest.param(None)), len(names) == 1
+            rows = [
+                v.values if isinstance(v, param) else (v,) if single else v for v in mark.args[1]
+            ]
+            return [row[names.index(argname)] for row in rows]
+    raise LookupError(f"{test.__name__} is not parametrized with {argname!r}")

@@ -21,6 +21,7 @@ from edgegen.export.spec import step_spec
 from edgegen.models import build_model
 from edgegen.runtime.decoder import Decoder
 from edgegen.tokenizer import ByteTokenizer
+from tests.conftest import parametrized
 
 MODELS = {
     "gpt-learned": dict(family="gpt", dim=32, n_heads=4, pos_encoding="learned"),
@@ -50,7 +51,8 @@ def test_every_family_cell_and_format_has_an_export_test():
     tested = {(kw["family"], kw.get("cell")) for kw in MODELS.values()}
     assert {f for f, _ in tested} == set(FAMILIES)
     assert {c for f, c in tested if f == "rnn"} == set(RNN_CELLS)
-    assert set(FORMATS) == {"onnx", "torchscript"}  # both parametrized below
+    assert parametrized(test_export_passes_the_parity_gate, "fmt") == list(FORMATS)
+    assert parametrized(test_export_passes_the_parity_gate, "name") == list(MODELS)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -3,12 +3,12 @@ import torch
 
 from edgegen.config import FAMILIES, POS_ENCODINGS, RNN_CELLS, preset
 from edgegen.models import GPT, RNNLM, build_model, count_parameters
+from tests.conftest import parametrized
 
 TOL = 1e-5
 GPT_VARIANTS = [
     dict(pos_encoding=p, tie_embeddings=t) for p in POS_ENCODINGS for t in (True, False)
 ]
-TESTED_FAMILIES = {"gpt", "rnn"}
 
 
 def tiny(family, **overrides):
@@ -18,8 +18,14 @@ def tiny(family, **overrides):
 
 
 def test_every_family_and_cell_is_tested():
-    assert set(FAMILIES) == TESTED_FAMILIES
-    assert set(RNN_CELLS) == {"rnn", "gru", "lstm"}  # each parametrized below
+    """From the tests below: their names' family, their parametrized cells and variants."""
+    tests = {name: test for name, test in globals().items() if name.startswith("test_")}
+    assert {name.split("_")[1] for name in tests} >= set(FAMILIES)
+    for name, test in tests.items():
+        if name.startswith("test_rnn_") and name != "test_rnn_tied_head":
+            assert set(parametrized(test, "cell")) == set(RNN_CELLS), name
+    variants = parametrized(test_gpt_cached_decode_equals_full_forward, "variant")
+    assert {v["pos_encoding"] for v in variants} == set(POS_ENCODINGS)
 
 
 # --- GPT ------------------------------------------------------------------------

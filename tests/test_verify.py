@@ -15,27 +15,28 @@ from edgegen.export import FORMATS, parity
 from edgegen.export.quantize import SUPPORTED
 from edgegen.files import sha256_file
 from edgegen.runtime.decoder import Decoder
-from edgegen.runtime.manifest import PRECISIONS
+from edgegen.runtime.manifest import PRECISIONS, read_manifest
 from edgegen.verify import LEVELS, check_sampling, verify_bundle
-from tests.conftest import copy_with_fp16
+from tests import test_quantize
+from tests.conftest import copy_with_fp16, parametrized
 
 MATRIX = ["gpt", "gpt-rope", "gru", "lstm", "rnn"]
-# fp32: the matrix below; int8/int4: test_quantize.py::test_verify_covers_quantized_artifacts;
-# fp16: test_quantize.py::test_fp16_on_cuda (GPU only)
-VERIFIED = {
-    ("onnx", "fp32"),
-    ("torchscript", "fp32"),
-    ("onnx", "int8"),
-    ("onnx", "int4"),
-    ("torchscript", "int8"),
-    ("onnx", "fp16"),
-}
 
 
-def test_every_exportable_combination_is_verified():
-    exportable = {(fmt, "fp32") for fmt in FORMATS} | SUPPORTED
-    assert exportable == VERIFIED
-    assert {precision for _, precision in exportable} == set(PRECISIONS)
+def test_every_exportable_combination_is_verified(trained_bundles):
+    """fp32: the matrix below verifies every artifact of its bundles; int8/int4:
+    test_quantize.py verifies every family's quantized bundle, which holds every
+    supported combination but fp16 (its GPU test)."""
+    matrix = parametrized(test_matrix_passes_every_level, "name")
+    fp32 = {
+        (a.format, a.precision)
+        for n in matrix
+        for a in read_manifest(trained_bundles[n][1]).artifacts
+    }
+    assert fp32 == {(fmt, "fp32") for fmt in FORMATS}
+    quantized = parametrized(test_quantize.test_verify_covers_quantized_artifacts, "name")
+    assert quantized == test_quantize.FAMILIES
+    assert {precision for _, precision in fp32 | SUPPORTED} == set(PRECISIONS)
 
 
 @pytest.mark.parametrize("name", MATRIX)
@@ -45,8 +46,8 @@ def test_matrix_passes_every_level(trained_bundles, name):
     assert report.passed, report.table()
     assert {c.level for c in report.checks} == set(LEVELS)
     covered = {(c.artifact, c.level) for c in report.checks}
-    for artifact in ("model.onnx", "model.ts"):
-        assert {(artifact, level) for level in (1, 2, 3, 4, 6)} <= covered
+    for artifact in read_manifest(bundle).artifacts:
+        assert {(artifact.path, level) for level in (1, 2, 3, 4, 6)} <= covered
     assert json.loads(json.dumps(report.to_dict()))["passed"]
 
 
