@@ -6,6 +6,7 @@ llama-cpp-python. Runs in the peers' llama venv.
 
 from __future__ import annotations
 
+import ctypes
 import sys
 
 import llama_cpp
@@ -17,7 +18,7 @@ def main() -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
     params.nthread = 0  # all cores
-    status = llama_cpp.llama_model_quantize(source.encode(), out.encode(), params)
+    status = llama_cpp.llama_model_quantize(source.encode(), out.encode(), ctypes.byref(params))
     if status != 0:
         raise SystemExit(f"llama_model_quantize returned {status}")
 

@@ -16,7 +16,7 @@
 #      optimum-fp32       optimum-cli export onnx of hf
 #      smollm2.bundle     edgegen export --quantize int8,int4, redone whenever edgegen/ changes
 # 3. bench.py: every row in its own process, 1 and 2 threads, into RESULTS.md beside this
-#    script (and RESULTS.json).
+#    script (and RESULTS.json), which section.py then puts into benchmarks/BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -78,3 +78,5 @@ if [ "${EDGEGEN_REEXPORT:-0}" = 1 ] || [ "$(cat "$M/smollm2.bundle.source" 2>/de
 fi
 
 "$PYTHON" "$HERE/bench.py" --peers "$PEERS" --gguf "$GGUF" --out "$HERE/RESULTS.md" "$@"
+"$PYTHON" "$HERE/section.py" benchmarks/BENCHMARKS.md
+echo "wrote the \"Peers on SmolLM2-135M\" section of benchmarks/BENCHMARKS.md"
