@@ -152,6 +152,9 @@ def main(ctx: click.Context, debug: bool) -> None:
 )
 @click.option("--eval-interval", type=int, default=100, show_default=True)
 @click.option(
+    "--eval-tokens", type=int, default=16384, show_default=True, help="Tokens per validation."
+)
+@click.option(
     "--save-interval",
     type=int,
     default=None,
@@ -553,7 +556,7 @@ def quantize_options(command):
             type=click.Path(),
             default=None,
             help="Held-out text for the quality gates [default: the embedded corpus's "
-            "validation split].",
+            "validation split; a word-level model needs text in its vocabulary].",
         ),
     ]
     for option in reversed(options):
@@ -681,7 +684,8 @@ def quantize_command(
     "--eval-text",
     type=click.Path(),
     default=None,
-    help="Held-out text for level 4 [default: the embedded corpus's validation split].",
+    help="Held-out text for level 4 [default: the embedded corpus's validation split; "
+    "skipped when the model's vocabulary does not cover it].",
 )
 @click.option(
     "--gate",
@@ -696,7 +700,8 @@ def quantize_command(
 @click.option(
     "--strict",
     is_flag=True,
-    help="Also exit non-zero when a check was skipped (fp16 without a CUDA GPU).",
+    help="Also exit non-zero when a check was skipped (fp16 without a CUDA GPU, level 4 "
+    "without held-out text in the model's vocabulary).",
 )
 def verify_command(bundle, checkpoint, levels, tokens, eval_text, gates, json_out, strict) -> None:
     """Check every artifact of a bundle against eager PyTorch, level by level."""

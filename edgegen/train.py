@@ -404,7 +404,7 @@ class Run:
         gathered first, since each rank carries only its own rows of it."""
         carry = tuple(self.world.sum(t) for t in self.task.carry)
         self.world.on_main(lambda: self._write(carry))
-        self.saved_step = self.step
+        self.saved_step = self.step  # the other ranks learn it here
 
     def _write(self, carry: tuple[torch.Tensor, ...]) -> None:
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
@@ -433,6 +433,7 @@ class Run:
             seal(tmp)
 
         write_atomically(Path(self.options.out), fill)
+        self.saved_step = self.step  # written, even if another rank is lost before it hears
 
     def restore(self, directory: Path, saved: dict[str, Any]) -> None:
         """The optimizer, RNG and carried state (the weights came with the model)."""
