@@ -10,6 +10,7 @@ import edgegen.runtime
 from edgegen.checkpoint import load_checkpoint
 from edgegen.cli import main
 from edgegen.config import GPTConfig, config_to_dict
+from edgegen.eager import load_eager
 from edgegen.errors import ConfigError, OutputError
 from edgegen.export import export_bundle
 from edgegen.importers.pretrained import import_pretrained
@@ -202,10 +203,10 @@ def test_a_fine_tuned_import_exports_and_generates(inits, text, tmp_path):
     assert (tmp_path / "bundle" / "tokenizer.json").read_bytes() == (
         init / "tokenizer.json"
     ).read_bytes()
-    result = edgegen.runtime.load(tmp_path / "bundle").generate(
-        "Edge devices", temperature=0, max_new_tokens=12, min_new_tokens=12
-    )
-    assert len(result.token_ids) == 12 and result.text
+    params = dict(temperature=0, max_new_tokens=12, min_new_tokens=12)
+    result = edgegen.runtime.load(tmp_path / "bundle").generate("Edge devices", **params)
+    want = load_eager(tmp_path / "ft").generate("Edge devices", **params)
+    assert result.token_ids == want.token_ids and result.text  # the fine-tuned model's
 
 
 def test_bits_per_byte_count_the_bytes_each_token_stands_for():
