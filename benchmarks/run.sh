@@ -71,6 +71,8 @@ run gru-base --family rnn --cell gru --preset base -- --steps 4 --batch-size 2 -
     echo
     cat benchmarks/kv_cache.md
     echo
+    cat benchmarks/train_throughput.md
+    echo
     echo "## Every row"
     echo
     cat "$RESULTS"
