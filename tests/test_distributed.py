@@ -208,6 +208,31 @@ def test_a_killed_rank_leaves_a_resumable_checkpoint(tmp_path, text_file, killed
     assert train(resumed, resume=True, progress=False).step == step + 2
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_every_rank_after_the_same_step(tmp_path, text_file):
+    """Ctrl-C at a terminal reaches `edgegen train --nproc 2` and both ranks: they agree on
+    a step, rank 0 saves it, and all exit 0."""
+    out = tmp_path / "ck"
+    opts = options("gru", out, text_file, steps=100000, batch_size=2, save_interval=5)
+    opts.eval_interval = 1000
+    launcher = subprocess.Popen(
+        edgegen(*cli_args(opts), "--nproc", "2"),
+        env={**os.environ, **GROUP_TIMEOUT},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's job is
+    )
+    _wait_for_step(out, 5, launcher)
+    os.killpg(launcher.pid, signal.SIGINT)
+    stdout, stderr = launcher.communicate(timeout=60)
+    assert launcher.returncode == 0, stderr
+    assert "Traceback" not in stderr and "stopped early, resumable with --resume" in stdout
+    step = json.loads((out / STATE_FILE).read_text())["step"]
+    assert f"step {step}," in stdout and step > 0
+    load_checkpoint(out)
+
+
 @pytest.mark.parametrize(
     "args,piece",
     [
