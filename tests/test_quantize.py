@@ -297,19 +297,24 @@ def test_fp16_on_cuda(trained_bundles, tmp_path):
     )
 
 
-def test_transformer_int4_falls_back_to_hqq_when_rounding_fails_the_gate(
-    trained_bundles, tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    "failures,used",
+    [(0, "symmetric"), (1, "asymmetric"), (2, "HQQ-fitted asymmetric")],
+    ids=["symmetric", "asymmetric", "hqq"],
+)
+def test_transformer_int4_tries_the_fits_fastest_first(
+    trained_bundles, tmp_path, monkeypatch, failures, used
 ):
-    """Round-to-nearest comes first (the fast kernel); a gate it fails is retried with
-    HQQ-fitted blocks, and the coverage says so."""
+    """Symmetric round-to-nearest comes first, then asymmetric (both MatMulNBits' own
+    kernel), then HQQ; each fit that fails the gate is named in the method."""
     from edgegen.export import writer
 
     real, calls = writer.gate_quantized, []
 
     def rounding_fails(spec, run, name, precision, gate, windows):
         calls.append(name)
-        if len(calls) == 1:
-            raise ParityError(f"{name} fails: KL 1.00e+00, top-1 50.00%, ppl +30.00%; lower")
+        if len(calls) <= failures:
+            raise ParityError(f"{name} fails: KL {len(calls)}.00e+00, top-1 50.00%; lower")
         return real(spec, run, name, precision, gate, windows)
 
     monkeypatch.setattr(writer, "gate_quantized", rounding_fails)
@@ -317,10 +322,15 @@ def test_transformer_int4_falls_back_to_hqq_when_rounding_fails_the_gate(
     options = QuantizeOptions(precisions=("int4",))
     manifest = export_bundle(ckpt, tmp_path / "b", formats=["onnx"], quantize=options)
     method = manifest.artifact("onnx", "int4").quantization["method"]
-    assert calls == ["model.int4.onnx", "model.int4.onnx"]
-    assert "HQQ-fitted" in method and "round-to-nearest failed the gate: KL 1.00e+00" in method
-    plain = export_bundle(ckpt, tmp_path / "c", formats=["onnx"], quantize=options)
-    assert "symmetric" in plain.artifact("onnx", "int4").quantization["method"]
+    assert calls == ["model.int4.onnx"] * (failures + 1)
+    assert method.startswith(f"MatMulNBits int4 ({used} blocks")
+    failed = ["symmetric round-to-nearest failed the gate: KL 1.00e+00",
+              "asymmetric round-to-nearest failed the gate: KL 2.00e+00"][:failures]  # fmt: skip
+    assert all(f in method for f in failed) and method.count("failed the gate") == failures
+    graph = onnx.load(str(tmp_path / "b" / "model.int4.onnx")).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    zero_points = [n for n in nbits if len(n.input) > 3 and n.input[3]]
+    assert bool(zero_points) == (used == "asymmetric")  # HQQ's were moved out of the kernel
 
 
 def test_hqq_zero_points_moved_out_of_the_kernel_keep_the_logits(trained_bundles, tmp_path):

@@ -42,6 +42,9 @@ FILENAMES = {
 RNN_OPS = ("RNN", "GRU", "LSTM")
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations (fastest on CPU)
+# how transformer int4 blocks are fitted (_onnx_nbits), fastest to run first
+FIT_NAMES = {"rtn": "symmetric", "asym": "asymmetric", "hqq": "HQQ-fitted asymmetric"}
+INT4_FITS = tuple(FIT_NAMES)
 
 
 def quantize_onnx(
@@ -53,8 +56,7 @@ def quantize_onnx(
     fit: str = "rtn",
 ) -> dict[str, Any]:
     """Write the `precision` version of the fp32 ONNX `src` to `dst`; return its coverage.
-    `fit`: how a transformer's int4 blocks are fitted, "rtn" (round to the nearest of a
-    symmetric grid) or "hqq" (see _onnx_nbits)."""
+    `fit`: how a transformer's int4 blocks are fitted, one of INT4_FITS (see _onnx_nbits)."""
     model = fold_constant_transposes(onnx.load(str(src)))
     with tempfile.TemporaryDirectory() as tmp, quiet(""):  # ORT logs every node
         prepared = Path(tmp) / "prepared.onnx"
@@ -64,7 +66,7 @@ def quantize_onnx(
         elif precision == "int8":
             method = _onnx_dynamic_int8(prepared, dst)
         elif precision == "int4":
-            method = _onnx_nbits(prepared, dst, 4, block_size, accuracy_level, fit == "hqq")
+            method = _onnx_nbits(prepared, dst, 4, block_size, accuracy_level, fit)
         elif precision == "fp16":
             method = _onnx_fp16(prepared, dst)
         else:
@@ -119,15 +121,19 @@ def _is_rnn(model: onnx.ModelProto) -> bool:
 
 
 def _onnx_nbits(
-    src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int, hqq: bool = False
+    src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int, fit: str = "rtn"
 ) -> str:
-    """MatMulNBits weights. With `hqq` (transformer int4 only), each block's scale and
-    (float) zero point are fitted by HQQ's half-quadratic search rather than rounded to
-    the nearest of a symmetric grid: on SmolLM2-135M (weights from a Q4_1 GGUF)
-    round-to-nearest cost +21% perplexity and HQQ none, since its asymmetric blocks can
-    land on the grid the weights came from. MatMulNBits runs float zero points on a
-    kernel 10x slower, so they are moved out of it (move_zero_points_out), and HQQ is
-    the fallback, not the default."""
+    """MatMulNBits weights; `fit` (transformer int4 only) says how each block's grid is
+    chosen. "rtn" rounds to the nearest of a symmetric grid; "asym" to the nearest of
+    a grid from the block's minimum to its maximum, with a 4-bit zero point that
+    MatMulNBits' own kernel takes; "hqq" fits a scale and a float zero point by HQQ's
+    half-quadratic search, which can land on the grid the weights came from (SmolLM2-135M,
+    weights from a Q4_1 GGUF: round-to-nearest cost +21% perplexity, HQQ none).
+    MatMulNBits runs float zero points on a kernel 10x slower, so they are moved out of
+    it (move_zero_points_out) at the cost of two small matmuls per weight: HQQ is the
+    last resort, not the default."""
+    if fit not in INT4_FITS:
+        raise ExportError(f"int4 fit must be one of {', '.join(INT4_FITS)}, got {fit!r}")
     if block_size < 16 or block_size & (block_size - 1):
         raise ExportError(f"int{bits} block size must be a power of two >= 16, got {block_size}")
     model = onnx.load(str(src))
@@ -135,20 +141,21 @@ def _onnx_nbits(
     if rnn:  # int4 DequantizeLinear (for the RNN weights) needs opset 21
         model = version_converter.convert_version(model, 21)
     head = output_head(model)
-    hqq = hqq and bits == 4 and not rnn
+    fit = fit if bits == 4 and not rnn else "rtn"
+    hqq = fit == "hqq"
     # int4 keeps the head at 8 bits: in int4 it cost a tiny model over 8% perplexity
     keep_head = head is not None and bits == 4
-    model = _nbits_pass(model, bits, block_size, accuracy_level, hqq, exclude=keep_head and head)
+    model = _nbits_pass(model, bits, block_size, accuracy_level, fit, exclude=keep_head and head)
     kept_int8 = quantize_rnn_weights_int4(model, block_size) if bits == 4 else []
     quantize_embeddings(model)
     if keep_head and rnn:  # per row, folded at load like the RNN weights
         dequantize_int8(model, next(n for n in model.graph.node if n.name == head.name), 1, axis=1)
     elif keep_head:  # block-wise: a per-row int8 head cost SmolLM2 2 points of top-1
-        model = _nbits_pass(model, 8, block_size, accuracy_level, False, include=head)
+        model = _nbits_pass(model, 8, block_size, accuracy_level, "rtn", include=head)
     if hqq:
         move_zero_points_out(model, accuracy_level)
     onnx.save(model, str(dst))
-    fit = "HQQ-fitted asymmetric" if hqq else "symmetric"
+    fit = FIT_NAMES[fit]
     return (
         f"MatMulNBits int{bits} ({fit} blocks of {block_size}, accuracy level "
         f"{accuracy_level}) for every MatMul"
@@ -221,12 +228,12 @@ def _zero_point_correction(model, node, inits, accuracy_level) -> list[onnx.Node
     ]
 
 
-def _nbits_pass(model, bits, block_size, accuracy_level, hqq, exclude=None, include=None):
+def _nbits_pass(model, bits, block_size, accuracy_level, fit, exclude=None, include=None):
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     quantizer = MatMulNBitsQuantizer(
         model,
-        algo_config=_nbits_config(bits, block_size, accuracy_level, hqq),
+        algo_config=_nbits_config(bits, block_size, accuracy_level, fit),
         nodes_to_exclude=[exclude.name] if exclude else [],
         nodes_to_include=[include.name] if include else None,
         accuracy_level=accuracy_level,
@@ -235,18 +242,18 @@ def _nbits_pass(model, bits, block_size, accuracy_level, hqq, exclude=None, incl
     return quantizer.model.model
 
 
-def _nbits_config(bits: int, block_size: int, accuracy_level: int, hqq: bool):
+def _nbits_config(bits: int, block_size: int, accuracy_level: int, fit: str):
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
     )
 
     where = dict(op_types_to_quantize=("MatMul",), quant_axes=(("MatMul", 0),))
-    if hqq:
+    if fit == "hqq":
         return HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, **where)
     return DefaultWeightOnlyQuantConfig(
         block_size=block_size,
-        is_symmetric=True,
+        is_symmetric=fit == "rtn",
         accuracy_level=accuracy_level,
         bits=bits,
         **where,

@@ -35,6 +35,8 @@ from edgegen.export.parity import (
 from edgegen.export.quantize import (
     DEFAULT_ACCURACY_LEVEL,
     DEFAULT_BLOCK_SIZE,
+    FIT_NAMES,
+    INT4_FITS,
     QUANTIZED_PRECISIONS,
     SUPPORTED,
     quantize_onnx,
@@ -265,10 +267,10 @@ def _quantize_claimed(bundle: Path, checkpoint, options: QuantizeOptions, on_art
 
 def _quantize_and_gate(fmt, precision, tmp, path, model, spec, options, windows):
     """(coverage, quality report) of the first fit whose artifact passes the gate. ONNX int4
-    weights of a transformer are first rounded to a symmetric grid, which MatMulNBits runs
-    fastest; when that fails the gate (SmolLM2-135M: +21% perplexity) they are fitted by
-    HQQ instead, which passes (+0.0%) and is a little larger (its zero points become a
-    block-sum correction beside the same kernel)."""
+    weights of a transformer try the fits fastest to run first (INT4_FITS): a symmetric
+    grid, then an asymmetric one, both run by MatMulNBits' own kernel, then HQQ, whose
+    float zero points cost two small matmuls per weight. The method names the fits that
+    failed, with their figures."""
     fits = INT4_FITS if (fmt, precision) == ("onnx", "int4") and spec.is_gpt else (None,)
 
     def attempt(fit):
@@ -278,18 +280,19 @@ def _quantize_and_gate(fmt, precision, tmp, path, model, spec, options, windows)
         gate = options.gate(precision)
         return coverage, gate_quantized(spec, run, path.name, precision, gate, windows)
 
+    failed = []
     for fit in fits[:-1]:
         try:
-            return attempt(fit)
+            coverage, report = attempt(fit)
+            break
         except ParityError as e:
-            failed = str(e).partition(": KL")[2].partition(";")[0]
-    coverage, report = attempt(fits[-1])
-    if len(fits) > 1:
-        coverage["method"] += f" (round-to-nearest failed the gate: KL{failed})"
+            figures = str(e).partition(": KL")[2].partition(";")[0]
+            failed.append(f"{FIT_NAMES[fit]} round-to-nearest failed the gate: KL{figures}")
+    else:
+        coverage, report = attempt(fits[-1])
+    if failed:
+        coverage["method"] += f" ({'; '.join(failed)})"
     return coverage, report
-
-
-INT4_FITS = ("rtn", "hqq")  # fastest first
 
 
 def _make_quantized(fmt, precision, tmp, path, model, options, fit=None) -> dict[str, Any]:

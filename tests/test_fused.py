@@ -1,0 +1,84 @@
+"""The GPT's ONNX graph uses ONNX Runtime's fused kernels (export/fused.py), computes what
+the eager model computes, and leaves the model as it was."""
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from edgegen.config import preset
+from edgegen.export.fused import FusedRMSNorm, check_model, ort_kernels
+from edgegen.export.onnx import export_onnx
+from edgegen.export.spec import step_spec
+from edgegen.models import build_model
+from edgegen.models.gpt import Rotary
+
+LLAMA_LIKE = dict(
+    dim=32, n_heads=4, n_kv_heads=2, pos_encoding="rope", norm="rmsnorm", mlp="gated",
+    activation="silu",
+)  # fmt: skip
+UNFUSED_OPS = {"Pow", "ReduceMean", "Sqrt", "Reciprocal", "Sin", "Cos"}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(preset("gpt", "tiny", **LLAMA_LIKE))
+    spec = step_spec(model)
+    path = tmp_path_factory.mktemp("fused") / "model.onnx"
+    export_onnx(spec, path)
+    return spec, path
+
+
+def test_rmsnorm_and_rope_become_one_kernel_each(exported):
+    spec, path = exported
+    layers = spec.module.model.config.n_layers
+    ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert ops["SimplifiedLayerNormalization"] == 2 * layers + 1  # two per block, the final
+    assert ops["RotaryEmbedding"] == 2 * layers  # queries and keys
+    assert not UNFUSED_OPS & set(ops)
+
+
+def test_fused_graph_matches_eager_on_a_padded_batch_with_a_past(exported):
+    spec, path = exported
+    feeds = spec.example(batch=3, seq=4, past=5)
+    with torch.no_grad():
+        want = [t.numpy() for t in spec.module(*feeds.values())]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {k: v.numpy() for k, v in feeds.items()})
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_the_model_is_restored_after_the_export(exported):
+    model = exported[0].module.model
+    assert isinstance(model.rope, Rotary)
+    norms = [m for m in model.modules() if isinstance(m, nn.RMSNorm)]
+    assert len(norms) == 2 * model.config.n_layers + 1
+    assert not any(isinstance(m, FusedRMSNorm) for m in model.modules())
+
+
+def test_swapped_modules_compute_the_models_own_values_outside_an_export():
+    torch.manual_seed(0)
+    model = build_model(preset("gpt", "tiny", **LLAMA_LIKE)).eval()
+    ids = torch.randint(0, 200, (2, 6))
+    with torch.no_grad():
+        want = model(ids)[0]
+        with ort_kernels(model):
+            assert isinstance(model.blocks[0].norm1, FusedRMSNorm)
+            got = model(ids)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_check_model_knows_ort_ops_and_leaves_the_graph_as_it_was(exported):
+    model = onnx.load(str(exported[1]))
+    with pytest.raises(onnx.checker.ValidationError, match="SimplifiedLayerNormalization"):
+        onnx.checker.check_model(model)
+    before = model.SerializeToString()
+    check_model(model)
+    assert model.SerializeToString() == before
