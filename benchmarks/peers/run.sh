@@ -67,10 +67,16 @@ if [ -e "$PEERS/optimum/.installed" ]; then
         --task text-generation-with-past {}
 fi
 
-# edgegen's bundle follows the working tree: re-exported when any file under edgegen/
-# differs from the export's (or with EDGEGEN_REEXPORT=1).
+# edgegen's bundle follows the working tree: re-exported when a file under edgegen/ differs
+# from the export's. EDGEGEN_REEXPORT=1 always re-exports, =0 keeps a bundle that exists.
 source_hash=$(find edgegen -name '*.py' -print0 | sort -z | xargs -0 sha256sum | sha256sum)
-if [ "${EDGEGEN_REEXPORT:-0}" = 1 ] || [ "$(cat "$M/smollm2.bundle.source" 2>/dev/null)" != "$source_hash" ]; then
+case ${EDGEGEN_REEXPORT:-auto} in
+    1) reexport=1 ;;
+    0) reexport=$([ -e "$M/smollm2.bundle" ] && echo 0 || echo 1) ;;
+    *) reexport=$([ "$(cat "$M/smollm2.bundle.source" 2>/dev/null)" = "$source_hash" ] \
+        && echo 0 || echo 1) ;;
+esac
+if [ "$reexport" = 1 ]; then
     rm -rf "$M/smollm2.bundle" "$M/smollm2.bundle.source"
     make_once "$M/smollm2.bundle" "$EDGEGEN" export "$M/smollm2" --out {} --force \
         --format onnx --quantize int8,int4
