@@ -54,6 +54,7 @@ class ByteTokenizer:
         self.tokenizer_size = 259  # ids the tokenizer itself defines
         self.eos_ids = (self.eos_id,)
         self.special_ids = frozenset((self.bos_id, self.eos_id, self.pad_id))  # no text
+        self.unk_id = None  # every text encodes
 
     def encode(self, text: str | bytes, *, bos: bool = False, eos: bool = False) -> list[int]:
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
@@ -134,6 +135,7 @@ class HFTokenizer:
         self._byte_ids = _byte_ids(tokens) if self._chain.byte_fallback else frozenset()
         # ids that stand for no text: a byte token is text even where HF marks it special
         self.special_ids = _special_ids(self._backend) - self._byte_ids
+        self.unk_id = _unk_id(self._backend)  # what words outside the vocabulary become
         self._read_spec(spec)
 
     @classmethod
@@ -529,6 +531,11 @@ def _tokens_by_id(backend: Backend) -> list[str | None]:
 
 def _special_ids(backend: Backend) -> frozenset[int]:
     return frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
+
+
+def _unk_id(backend: Backend) -> int | None:
+    unk = getattr(backend.model, "unk_token", None)
+    return backend.token_to_id(unk) if unk else None
 
 
 def _model_rows(vocab_size: int | None, tokenizer_size: int) -> int:

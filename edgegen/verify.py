@@ -11,19 +11,21 @@
                 tokenizer file, which also parses and fits the model's vocabulary
 
 Every level reports a figure and its tolerance; any failure fails the report. A check
-that cannot run here (fp16 without a CUDA GPU) is skipped: counted apart, never as a pass.
+that cannot run here (fp16 without a CUDA GPU; level 4 on the embedded corpus when the
+model's vocabulary does not cover it) is skipped: counted apart, never as a pass.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgegen.checkpoint import load_checkpoint
 from edgegen.eager import eager_generator
-from edgegen.errors import EdgegenError, VerifyError, first_line
+from edgegen.errors import EdgegenError, ExportError, TokenizerError, VerifyError, first_line
 from edgegen.export.parity import (
     TOLERANCE,
     artifact_runner,
@@ -118,12 +120,15 @@ def verify_bundle(
     checkpoint: str | Path,
     levels: tuple[int, ...] = tuple(LEVELS),
     tokens: int = 128,
-    prompts: tuple[str, ...] = PROMPTS,
+    prompts: tuple[str, ...] | None = None,
     eval_text: str | Path | None = None,
     quality_gates: dict[str, dict[str, float]] | None = None,
 ) -> VerifyReport:
-    """Run the chosen levels. Level 4 reads `eval_text` (default: the embedded corpus's
-    validation split) and applies QUALITY_GATES, updated by `quality_gates`."""
+    """Run the chosen levels. Levels 3 and 5 continue `prompts` (default: PROMPTS, or
+    words of the model's own vocabulary where it cannot encode those). Level 4 reads
+    `eval_text` (default: the embedded corpus's validation split, skipped when the
+    model's vocabulary does not cover it) and applies QUALITY_GATES, updated by
+    `quality_gates`."""
     unknown = [lv for lv in levels if lv not in LEVELS]
     if unknown:
         raise VerifyError(f"unknown level(s) {unknown}; levels are 1-6: {LEVELS}")
@@ -142,6 +147,7 @@ def verify_bundle(
             f"checkpoint {checkpoint} is not the model in bundle {bundle} (configs differ)"
         )
     spec = step_spec(model)
+    prompts = prompts or prompts_for(tokenizer)
     fp32 = [a for a in manifest.artifacts if a.precision == "fp32"]
     eager = eager_generator(model, tokenizer)
     generators = {a.path: open_artifact(manifest, a.format, a.precision) for a in fp32}
@@ -162,16 +168,46 @@ def verify_bundle(
         if 3 in levels:
             report.checks.append(guarded(3, name, check_greedy, eager, gen, name, prompts, tokens))
     if 4 in levels:
-        windows = eval_windows(tokenizer, eval_text, spec)
-        for artifact in manifest.artifacts:
-            gate = gate_for(artifact.precision, quality_gates)
-            run = runners.get(artifact.path)  # fp32 artifacts are open already
-            check = check_artifact_quality(manifest, artifact, spec, gate, windows, run)
-            report.checks.append(check)
+        gates = quality_gates
+        report.checks += quality_checks(manifest, spec, tokenizer, eval_text, gates, runners)
     if 5 in levels:
         everyone = {"eager": eager, **generators}
         report.checks.append(guarded(5, "all", check_sampling, everyone, prompts, tokens))
     return report
+
+
+def prompts_for(tokenizer) -> tuple[str, ...]:
+    """PROMPTS, or where the tokenizer cannot encode one of them or encodes one with an
+    unknown token (a word vocabulary), three of 3, 1 and 7 of its own tokens, drawn with
+    SEED."""
+    try:
+        if all(tokenizer.unk_id not in tokenizer.encode(p) for p in PROMPTS):
+            return PROMPTS
+    except TokenizerError:
+        pass
+    # tokens that stand for text and decode to what encodes back to them alone
+    words = [
+        i
+        for i in range(tokenizer.tokenizer_size)
+        if i not in tokenizer.special_ids
+        and i != tokenizer.unk_id
+        and _encodes_to(tokenizer, tokenizer.decode([i]), [i])
+    ]
+    rng = random.Random(SEED)
+    prompts = []
+    for length in (3, 1, 7):
+        ids = rng.choices(words, k=length) if words else []
+        if not ids or not _encodes_to(tokenizer, tokenizer.decode(ids), ids):
+            raise VerifyError("cannot make prompts from this tokenizer's vocabulary")
+        prompts.append(tokenizer.decode(ids))
+    return tuple(prompts)
+
+
+def _encodes_to(tokenizer, text: str, ids: list[int]) -> bool:
+    try:
+        return bool(text.strip()) and tokenizer.encode(text) == ids
+    except TokenizerError:
+        return False
 
 
 def guarded(level: int, artifact: str, check, *args) -> Check:
@@ -181,6 +217,23 @@ def guarded(level: int, artifact: str, check, *args) -> Check:
     except Exception as e:
         message = first_line(e)
         return Check(level, artifact, "error", "-", False, f"{type(e).__name__}: {message}"[:300])
+
+
+def quality_checks(manifest, spec, tokenizer, eval_text, quality_gates, runners) -> list[Check]:
+    """Level 4 for every artifact (`runners`: those open already); skipped when the
+    default held-out text does not fit the tokenizer, an error when given text does not."""
+    try:
+        windows = eval_windows(tokenizer, eval_text, spec)
+    except ExportError as e:
+        if eval_text is not None:
+            raise VerifyError(str(e)) from None
+        return [skipped_check(4, a.path, str(e)) for a in manifest.artifacts]
+    checks = []
+    for artifact in manifest.artifacts:
+        gate = gate_for(artifact.precision, quality_gates)
+        run = runners.get(artifact.path)
+        checks.append(check_artifact_quality(manifest, artifact, spec, gate, windows, run))
+    return checks
 
 
 def check_artifact_quality(manifest, artifact, spec, gate, windows, run=None) -> Check:

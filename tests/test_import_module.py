@@ -5,6 +5,7 @@ recomputing the whole sequence for every token, is the oracle of the bundles' gr
 tokens. Modules that cannot map are refused in one line, through the CLI too."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -15,10 +16,13 @@ from safetensors.torch import save_file
 import edgegen.runtime
 from edgegen.checkpoint import load_checkpoint
 from edgegen.cli import main
-from edgegen.errors import ImportModelError, TokenizerError
+from edgegen.errors import ExportError, ImportModelError, TokenizerError
 from edgegen.export import from_module
+from edgegen.export.parity import eval_windows
+from edgegen.export.spec import step_spec
 from edgegen.importers.module import from_user_module, import_module
-from edgegen.tokenizer import vocabulary_file, word_level
+from edgegen.tokenizer import ByteTokenizer, vocabulary_file, word_level
+from edgegen.verify import PROMPTS, prompts_for
 from tests import user_models
 from tests.conftest import TEXT
 from tests.user_models import (
@@ -308,3 +312,74 @@ def test_cli_module_options_go_together(tmp_path, module_file):
     assert result.exit_code == 2 and "--module takes --state-dict" in result.output
     result = cli("import", tmp_path, "--tokenizer", "w.txt", "--out", tmp_path / "c")
     assert result.exit_code == 2 and "--tokenizer goes with --module" in result.output
+
+
+# --- verify and quantize on a word vocabulary ------------------------------------------
+
+
+def test_verify_prompts_come_from_the_vocabulary_when_its_own_do_not_encode():
+    assert prompts_for(ByteTokenizer()) == PROMPTS
+    for words in (WORDS, ["<unk>", *WORDS]):  # "If" is not a word of theirs
+        tok = word_level(words)
+        prompts = prompts_for(tok)
+        assert [len(tok.encode(p)) for p in prompts] == [3, 1, 7]
+        assert all(w in WORDS and w != "<eos>" for p in prompts for w in p.split())
+        assert prompts_for(tok) == prompts  # drawn with a seed
+
+
+def test_verify_a_word_level_bundle(exported, text_file):
+    _, bundle = exported("transformer")
+    ckpt = bundle.parent / "transformer.ckpt"
+    result = cli("verify", bundle, "--checkpoint", ckpt)
+    assert result.exit_code == 0, result.output
+    # level 4 needs held-out text in its words: skipped (saying why), not passed
+    assert result.output.count("skipped: the embedded corpus does not fit") == 2
+    assert "--eval-text" in result.output
+    assert result.output.splitlines()[-1] == "10 passed, 2 skipped, 0 failed"
+    result = cli("verify", bundle, "--checkpoint", ckpt, "--levels", "4", "--strict")
+    assert result.exit_code == 1 and "2 of 2 checks skipped" in result.output
+    args = ("--levels", "4", "--eval-text", text_file, "--strict")
+    result = cli("verify", bundle, "--checkpoint", ckpt, *args)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == "2 passed, 0 skipped, 0 failed"
+
+
+def test_quality_gates_need_text_in_the_vocabulary(exported, tmp_path, text_file):
+    _, bundle = exported("transformer")
+    ckpt = bundle.parent / "transformer.ckpt"
+    spec = step_spec(load_checkpoint(ckpt)[0])
+    with pytest.raises(ExportError, match=r"the embedded corpus is \d+% unknown tokens"):
+        eval_windows(word_level(["<unk>", *WORDS]), None, spec)  # it would measure <unk>
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    other = tmp_path / "other.txt"
+    other.write_text("Some words it has never seen.\n")
+    for eval_text, message in [
+        ((), "the embedded corpus does not fit this tokenizer"),
+        (("--eval-text", other), f"evaluation text {other} does not fit this tokenizer"),
+    ]:
+        result = cli("quantize", copy, "--precision", "int8", *eval_text)
+        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+        assert message in result.output and "--eval-text" in result.output
+    result = cli("quantize", copy, "--precision", "int8,int4", "--eval-text", text_file)
+    assert result.exit_code == 0, result.output
+    assert _precisions(copy) == {"fp32", "int8", "int4"}
+
+
+def test_export_quantizes_a_word_level_model_on_text_in_its_words(exported, tmp_path, text_file):
+    _, bundle = exported("gru")
+    ckpt, out = bundle.parent / "gru.ckpt", tmp_path / "bundle"
+    args = ("export", ckpt, "--out", out, "--quantize", "int8,int4")
+    result = cli(*args)  # refused before anything is exported
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "the embedded corpus does not fit" in result.output and "--eval-text" in result.output
+    assert "exporting" not in result.output and not out.exists()
+    result = cli(*args, "--eval-text", text_file)
+    assert result.exit_code == 0, result.output
+    assert _precisions(out) == {"fp32", "int8", "int4"}
+    generator = edgegen.runtime.load(out, precision="int4")
+    assert generator.generate(PROMPT, temperature=0, max_new_tokens=4).text.startswith(" ")
+
+
+def _precisions(bundle):
+    return {a["precision"] for a in json.loads((bundle / "manifest.json").read_text())["artifacts"]}

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from edgegen.corpus import load_corpus
-from edgegen.errors import ExportError, ParityError
+from edgegen.errors import ExportError, ParityError, TokenizerError
 from edgegen.export.spec import StepSpec
 from edgegen.runtime.backends import RUNNERS as RUNTIME_RUNNERS
 from edgegen.runtime.decoder import Decoder, StepRunner
@@ -40,6 +40,7 @@ QUALITY_GATES = {
     "int4": {"kl": float("inf"), "top1": 0.0, "ppl_change": 0.08},
 }
 QUALITY_WINDOW, QUALITY_TOKENS = 64, 4096
+MAX_UNKNOWN = 0.1  # held-out text with more unknown tokens than this measures little
 GRID = list(itertools.product((1, 3), (1, 7), (0, 5)))  # (batch, seq, past)
 PROMPT_LEN, DECODE_STEPS = 7, 5  # the longest prompt of the decode check, and its steps
 DECODE_CAPACITY = PROMPT_LEN + 1  # the Decoder's first buffer: decoding must grow it
@@ -163,15 +164,31 @@ def compare(case, names, got, want, tolerance) -> dict[str, Any]:
 
 def eval_windows(tokenizer, eval_text, spec: StepSpec) -> torch.Tensor:
     """Held-out text as rows of QUALITY_WINDOW + 1 tokens, QUALITY_TOKENS in all: a
-    given file whole, else the embedded corpus's validation split."""
+    given file whole, else the embedded corpus's validation split. Text the tokenizer
+    cannot encode, or mostly cannot (a word vocabulary's <unk> for over MAX_UNKNOWN of
+    its tokens), would measure nothing: an ExportError asks for other text."""
     corpus = load_corpus(eval_text)
     docs = corpus.val if eval_text is None else corpus.train + corpus.val
-    stream = np.concatenate([np.array(tokenizer.encode(d, bos=True, eos=True)) for d in docs])
+    stream = _encoded(tokenizer, docs, eval_text)
     window = min(QUALITY_WINDOW, spec.layout.get("max_seq_len") or QUALITY_WINDOW)
     rows = min(len(stream) // (window + 1), QUALITY_TOKENS // window)
     if rows < 1:
         raise ExportError(f"evaluation text is too short: it needs at least {window + 1} tokens")
     return torch.from_numpy(stream[: rows * (window + 1)].reshape(rows, window + 1))
+
+
+def _encoded(tokenizer, docs: list[str], eval_text) -> np.ndarray:
+    what = "the embedded corpus" if eval_text is None else f"evaluation text {eval_text}"
+    ask = "give held-out text in the model's vocabulary with --eval-text"
+    try:
+        ids = [np.array(tokenizer.encode(d, bos=True, eos=True)) for d in docs]
+    except TokenizerError as e:
+        raise ExportError(f"{what} does not fit this tokenizer ({e}); {ask}") from None
+    stream = np.concatenate(ids)
+    unknown = float(np.mean(stream == tokenizer.unk_id)) if tokenizer.unk_id is not None else 0
+    if unknown > MAX_UNKNOWN:
+        raise ExportError(f"{what} is {unknown:.0%} unknown tokens to this tokenizer; {ask}")
+    return stream
 
 
 def quality_figures(spec: StepSpec, run: Runner, windows: torch.Tensor) -> dict[str, float]:

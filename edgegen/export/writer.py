@@ -100,6 +100,8 @@ def export_bundle(
 def _export_claimed(model, tokenizer, out, formats, opset, max_seq_len, on_artifact, quantize):
     context = _context_length(model.config, max_seq_len)
     spec = step_spec(model)
+    if quantize.precisions:  # held-out text the tokenizer cannot measure fails before exporting
+        eval_windows(tokenizer, quantize.eval_text, spec)
 
     def fill(tmp: Path) -> None:
         tokenizer_section = _write_tokenizer(tokenizer, tmp)
