@@ -192,6 +192,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--only", default="", help="comma-separated tools to measure")
+    if sys.argv[1:] == ["--describe-tree"]:  # run.sh records it beside the bundle it exports
+        print(edgegen_commit())
+        return
     args = parser.parse_args()
     args.peers = args.peers.resolve()
     prompt = json.loads((args.peers / "models/reference/prompt.json").read_text(encoding="utf-8"))
@@ -220,6 +223,7 @@ def main() -> None:
         "load_average_at_start": load,
         "machine": machine(),
         "edgegen_commit": edgegen_commit(),
+        "bundle_exported_from": bundle_tree(args.peers),
         "prompt_tokens": len(prompt["ids"]),
         "prompt_text": prompt["text"],
         "new_tokens": args.new_tokens,
@@ -257,10 +261,16 @@ def edgegen_commit() -> str:
     return commit + (" with uncommitted changes to edgegen/" if dirty else "")
 
 
+def bundle_tree(peers: Path) -> str:
+    stamp = peers / BUNDLE.replace(".bundle", ".bundle.tree")
+    return stamp.read_text(encoding="utf-8").strip() if stamp.exists() else "unknown"
+
+
 def render(meta: dict, results: list[dict], threads: list[int]) -> str:
     lines = [
         f"Measured {meta['started']} on {meta['machine']} (load average "
-        f"{meta['load_average_at_start'][0]:.1f} at the start; edgegen {meta['edgegen_commit']}).",
+        f"{meta['load_average_at_start'][0]:.1f} at the start), edgegen's bundle exported "
+        f"from {meta['bundle_exported_from']}.",
         f"Batch 1, greedy, {meta['new_tokens']} new tokens after the "
         f"{meta['prompt_tokens']}-token chat prompt; {meta['warmup']} warm-up and "
         f"{meta['repeat']} timed generations per row, each row in its own process, rows one "

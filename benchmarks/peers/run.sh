@@ -81,6 +81,8 @@ if [ "$reexport" = 1 ]; then
     make_once "$M/smollm2.bundle" "$EDGEGEN" export "$M/smollm2" --out {} --force \
         --format onnx --quantize int8,int4
     echo "$source_hash" > "$M/smollm2.bundle.source"
+    # the tree it was exported from, for the table's header
+    "$PYTHON" "$HERE/bench.py" --describe-tree > "$M/smollm2.bundle.tree"
 fi
 
 "$PYTHON" "$HERE/bench.py" --peers "$PEERS" --gguf "$GGUF" --out "$HERE/RESULTS.md" "$@"
