@@ -86,6 +86,22 @@ def test_transformer_int8_is_block_wise_with_the_head(quantized):
     assert "the output head included" in manifest.artifact("onnx", "int8").quantization["method"]
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_tied_embedding_reads_the_heads_int8_blocks(quantized, precision):
+    """One int8 copy of a tied table: the embedding gathers rows of the head's MatMulNBits
+    weights, and no other copy of the table (float or int8) is stored."""
+    _, manifest = quantized["gpt"]
+    artifact = manifest.artifact("onnx", precision)
+    graph = onnx.load(str(manifest.path_of(artifact))).graph
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits")
+    gather = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gather) == 1 and gather[0].input[0] == head.input[1]
+    vocab = manifest.data["model"]["config"]["vocab_size"]
+    tables = [t.name for t in graph.initializer if t.dims and t.dims[0] == vocab]
+    assert tables == [head.input[1], head.input[2]]  # its blocks and their scales
+    assert "embedding read from the head's int8 blocks" in artifact.quantization["method"]
+
+
 @pytest.mark.parametrize("name", ["lstm"])
 def test_int8_ends_in_fused_integer_kernels(quantized, name, tmp_path):
     import onnxruntime as ort

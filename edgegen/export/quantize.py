@@ -145,15 +145,17 @@ def _onnx_nbits(
     hqq = fit == "hqq"
     # int4 keeps the head at 8 bits: in int4 it cost a tiny model over 8% perplexity
     keep_head = head is not None and bits == 4
+    tied = _tied_embedding(model, head)
     model = _nbits_pass(model, bits, block_size, accuracy_level, fit, exclude=keep_head and head)
     kept_int8 = quantize_rnn_weights_int4(model, block_size) if bits == 4 else []
-    quantize_embeddings(model)
     if keep_head and rnn:  # per row, folded at load like the RNN weights
         dequantize_int8(model, next(n for n in model.graph.node if n.name == head.name), 1, axis=1)
     elif keep_head:  # block-wise: a per-row int8 head cost SmolLM2 2 points of top-1
         model = _nbits_pass(model, 8, block_size, accuracy_level, "rtn", include=head)
     if hqq:
         move_zero_points_out(model, accuracy_level)
+    shared = tied is not None and embed_from_head(model, tied)
+    quantize_embeddings(model)  # the rest: untied tables, learned positions
     onnx.save(model, str(dst))
     fit = FIT_NAMES[fit]
     return (
@@ -163,9 +165,86 @@ def _onnx_nbits(
         + (" with per-row scales" if keep_head and rnn else " in blocks" if keep_head else "")
         + ("; float zero points moved to a block-sum correction" if hqq else "")
         + ("; RNN weights int4 in blocks of the same size" if rnn else "")
-        + "; embedding int8 with per-row scales"
+        + (
+            "; embedding read from the head's int8 blocks (GatherBlockQuantized)"
+            if shared
+            else "; embedding int8 with per-row scales"
+        )
         + (f"; int8 instead of int4: {kept_int8}" if kept_int8 else "")
     )
+
+
+def _tied_embedding(model: onnx.ModelProto, head: onnx.NodeProto | None) -> str | None:
+    """The output of the Gather that reads the embedding table when the head's weight is
+    that table transposed (tied embeddings), else None."""
+    if head is None or head.op_type != "MatMul":
+        return None
+    inits = {t.name: t for t in model.graph.initializer}
+    weight = inits.get(head.input[1])
+    if weight is None:
+        return None
+    for node in model.graph.node:
+        table = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        if table is None or list(table.dims) != list(weight.dims)[::-1]:
+            continue
+        if np.array_equal(numpy_helper.to_array(table).T, numpy_helper.to_array(weight)):
+            return node.output[0]
+    return None
+
+
+def embed_from_head(model: onnx.ModelProto, embedding: str) -> bool:
+    """Read a tied embedding from the head's symmetric 8-bit MatMulNBits weights, so the
+    table is stored once, as int8 (before: a second int8 table, folded back to float32 at
+    load, 113 MB for SmolLM2-135M). MatMulNBits keeps row n of the table as blocks
+    [N, K/b, b] and scales [N, K/b]: gathered rows dequantize the same way.
+
+        input_ids ──GatherBlockQuantized(B, scales [N, K/b, 1])──Reshape── [batch, seq, K]
+        x ──MatMulNBits(B, scales)── logits
+
+    Returns whether it did (the head must be 8-bit MatMulNBits without zero points).
+    `embedding`: the output of the Gather that reads the table (_tied_embedding)."""
+    head = output_head(model)
+    attrs = {a.name: a.i for a in head.attribute} if head is not None else {}
+    if head is None or head.op_type != "MatMulNBits" or attrs.get("bits") != 8:
+        return False
+    if len(head.input) > 3 and head.input[3]:
+        return False
+    graph = model.graph
+    gather = next(n for n in graph.node if n.op_type == "Gather" and n.output[0] == embedding)
+    name = gather.name or embedding
+    blocks, scales = head.input[1], head.input[2]
+    n, k, block = attrs["N"], attrs["K"], attrs["block_size"]
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([n, -(-k // block), 1]), f"{name}/scales_shape"),
+            numpy_helper.from_array(np.array([0, 0, k]), f"{name}/rows_shape"),
+        ]
+    )
+    nodes = [
+        helper.make_node("Reshape", [scales, f"{name}/scales_shape"], [f"{name}/scales"]),
+        helper.make_node(
+            "GatherBlockQuantized",
+            [blocks, gather.input[1], f"{name}/scales"],
+            [f"{name}/blocks"],
+            name=f"{name}/GatherBlockQuantized",
+            domain="com.microsoft",
+            gather_axis=0,
+            quantize_axis=2,
+            block_size=block,
+            bits=8,
+        ),
+        helper.make_node("Reshape", [f"{name}/blocks", f"{name}/rows_shape"], gather.output),
+    ]
+    at = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(at + offset, node)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    used = {i for node in graph.node for i in node.input}
+    for table in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(table)
+    return True
 
 
 def move_zero_points_out(model: onnx.ModelProto, accuracy_level: int = 0) -> int:
@@ -437,7 +516,7 @@ def _embedding_storage(model: onnx.ModelProto) -> str:
     producers = {out: node for node in model.graph.node for out in node.output}
     for node in model.graph.node:
         if node.op_type == "GatherBlockQuantized":
-            return "int4"
+            return f"int{next((a.i for a in node.attribute if a.name == 'bits'), 4)}"
         source = producers.get(node.input[0]) if node.op_type == "Gather" else None
         if source is not None and source.op_type == "DequantizeLinear":
             return "int8"
