@@ -16,6 +16,7 @@ PEERS=${EDGEGEN_PEERS:-$HOME/.cache/edgegen-peers}
 PYTHON=${PEERS_PYTHON:-python3}
 LLAMA_CPP=${LLAMA_CPP:-llama-cpp-python==0.3.36}
 ORT_GENAI=${ORT_GENAI:-onnxruntime-genai==0.18.0}
+OPTIMUM=${OPTIMUM:-optimum-onnx[onnxruntime]==0.1.0}
 # The CPU build of PyTorch, pinned: an unpinned torch resolves to a multi-GB CUDA build.
 TORCH=${TORCH:-torch==2.13.0}
 mkdir -p "$PEERS"
@@ -49,7 +50,7 @@ fi
 if [ ! -e "$PEERS/optimum/.installed" ] && [ ! -e "$PEERS/optimum/.failed" ]; then
     echo "installing Optimum (optional; log: $PEERS/optimum-install.log)"
     venv optimum
-    if "$PEERS/optimum/bin/pip" install "optimum-onnx[onnxruntime]" "transformers<4.58" "$TORCH" \
+    if "$PEERS/optimum/bin/pip" install "$OPTIMUM" "transformers<4.58" "$TORCH" \
         > "$PEERS/optimum-install.log" 2>&1; then
         touch "$PEERS/optimum/.installed"
     else
