@@ -82,3 +82,24 @@ def test_check_model_knows_ort_ops_and_leaves_the_graph_as_it_was(exported):
     before = model.SerializeToString()
     check_model(model)
     assert model.SerializeToString() == before
+
+
+def test_a_tied_width_off_the_block_grid_keeps_its_own_int8_table(tmp_path):
+    """MatMulNBits pads a width that is not a whole number of blocks (40 = 32 + 8): the
+    embedding then keeps its own per-row table instead of gathering the padded blocks."""
+    from edgegen.export.quantize import quantize_onnx
+
+    torch.manual_seed(0)
+    model = build_model(preset("gpt", "tiny", dim=40, n_heads=4, tie_embeddings=True))
+    spec = step_spec(model)
+    export_onnx(spec, tmp_path / "model.onnx")
+    coverage = quantize_onnx(tmp_path / "model.onnx", tmp_path / "model.int8.onnx", "int8")
+    assert "embedding int8 with per-row scales" in coverage["method"]
+    feeds = {k: v.numpy() for k, v in spec.example(batch=2, seq=3, past=4).items()}
+    options = ort.SessionOptions()
+    for key, value in coverage["session_config"].items():
+        options.add_session_config_entry(key, value)
+    path = str(tmp_path / "model.int8.onnx")
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    logits = session.run(None, feeds)[0]
+    assert logits.shape == (2, 3, model.config.vocab_size) and np.isfinite(logits).all()

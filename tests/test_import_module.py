@@ -285,6 +285,41 @@ def test_cli_imports_a_module_file(tmp_path, module_file, suffix):
     assert tok.decode([0, 1]) == f"{WORDS[0]} {WORDS[1]}"
 
 
+DATACLASS_FILE = """
+from __future__ import annotations
+import sys
+sys.path.insert(0, {root!r})
+from dataclasses import dataclass
+from tests.user_models import RNNModel
+
+@dataclass
+class Config:
+    ntoken: int
+    ninp: int = 32
+
+class ConfiguredRNN(RNNModel):
+    def __init__(self, ntoken):
+        config = Config(ntoken)
+        super().__init__("GRU", config.ntoken, config.ninp, 32, 2)
+"""
+
+
+def test_cli_imports_a_module_file_with_dataclasses(tmp_path, module_file):
+    """Postponed annotations make @dataclass look the file up in sys.modules."""
+    from pathlib import Path
+
+    path = tmp_path / "configured.py"
+    path.write_text(DATACLASS_FILE.format(root=str(Path(__file__).parents[1])))
+    torch.manual_seed(0)
+    torch.save(RNNModel("GRU", V, 32, 32, 2).state_dict(), tmp_path / "w.pt")
+    result = cli(
+        "import", "--module", f"{path}:ConfiguredRNN", "--state-dict", tmp_path / "w.pt",
+        "--init-args", json.dumps([V]), "--tokenizer", tmp_path / "words.txt",
+        "--out", tmp_path / "ckpt",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.parametrize(
     "cls, init, message",
     [

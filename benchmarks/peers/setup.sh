@@ -17,8 +17,10 @@ PYTHON=${PEERS_PYTHON:-python3}
 LLAMA_CPP=${LLAMA_CPP:-llama-cpp-python==0.3.36}
 ORT_GENAI=${ORT_GENAI:-onnxruntime-genai==0.18.0}
 OPTIMUM=${OPTIMUM:-optimum-onnx[onnxruntime]==0.1.0}
-# The CPU build of PyTorch, pinned: an unpinned torch resolves to a multi-GB CUDA build.
+# PyTorch pinned as the Makefile pins it. On Linux PyPI's torch is a multi-GB CUDA build;
+# for the CPU one add TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu".
 TORCH=${TORCH:-torch==2.13.0}
+TORCH_INDEX=${TORCH_INDEX:-}
 mkdir -p "$PEERS"
 
 venv() {  # name: a fresh venv with a current pip
@@ -42,6 +44,7 @@ fi
 if [ ! -e "$PEERS/ortgenai/.installed" ]; then
     echo "installing onnxruntime-genai, transformers and PyTorch (CPU)"
     venv ortgenai
+    "$PEERS/ortgenai/bin/pip" install --quiet $TORCH_INDEX "$TORCH"
     "$PEERS/ortgenai/bin/pip" install --quiet "$ORT_GENAI" onnx-ir "transformers>=5,<6" "$TORCH" \
         onnx safetensors numpy
     touch "$PEERS/ortgenai/.installed"
@@ -50,7 +53,8 @@ fi
 if [ ! -e "$PEERS/optimum/.installed" ] && [ ! -e "$PEERS/optimum/.failed" ]; then
     echo "installing Optimum (optional; log: $PEERS/optimum-install.log)"
     venv optimum
-    if "$PEERS/optimum/bin/pip" install "$OPTIMUM" "transformers<4.58" "$TORCH" \
+    if "$PEERS/optimum/bin/pip" install --quiet $TORCH_INDEX "$TORCH" \
+        && "$PEERS/optimum/bin/pip" install "$OPTIMUM" "transformers<4.58" "$TORCH" \
         > "$PEERS/optimum-install.log" 2>&1; then
         touch "$PEERS/optimum/.installed"
     else

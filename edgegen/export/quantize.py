@@ -201,13 +201,14 @@ def embed_from_head(model: onnx.ModelProto, embedding: str) -> bool:
         input_ids ──GatherBlockQuantized(B, scales [N, K/b, 1])──Reshape── [batch, seq, K]
         x ──MatMulNBits(B, scales)── logits
 
-    Returns whether it did (the head must be 8-bit MatMulNBits without zero points).
-    `embedding`: the output of the Gather that reads the table (_tied_embedding)."""
+    Returns whether it did: the head must be 8-bit MatMulNBits without zero points, and K
+    a whole number of blocks (MatMulNBits pads a last partial block; a gathered row would
+    carry the padding). `embedding`: the Gather's output (_tied_embedding)."""
     head = output_head(model)
     attrs = {a.name: a.i for a in head.attribute} if head is not None else {}
     if head is None or head.op_type != "MatMulNBits" or attrs.get("bits") != 8:
         return False
-    if len(head.input) > 3 and head.input[3]:
+    if (len(head.input) > 3 and head.input[3]) or attrs["K"] % attrs["block_size"]:
         return False
     graph = model.graph
     gather = next(n for n in graph.node if n.op_type == "Gather" and n.output[0] == embedding)

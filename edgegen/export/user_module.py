@@ -31,7 +31,8 @@ def from_module(
     tokenizer.json, or a Tokenizer. `checkpoint`: where to keep the imported checkpoint
     too (else it is temporary). `export_options` are export_bundle's (formats, opset,
     max_seq_len, quantize, on_artifact). Raises ImportModelError when the module does
-    not map, ExportError when an artifact fails its parity gate; then nothing is written.
+    not map, ExportError when an artifact fails its parity gate; then no bundle is
+    written (a `checkpoint` named here is kept: it is the module, mapped and checked).
     """
     out = Path(out)
     with claim_output(out, "bundle", force=force), tempfile.TemporaryDirectory() as tmp:

@@ -291,7 +291,10 @@ def _quantize_and_gate(fmt, precision, tmp, path, model, spec, options, windows)
             figures = str(e).partition(": KL")[2].partition(";")[0]
             failed.append(f"{FIT_NAMES[fit]} round-to-nearest failed the gate: KL{figures}")
     else:
-        coverage, report = attempt(fits[-1])
+        try:
+            coverage, report = attempt(fits[-1])
+        except ParityError as e:
+            raise ParityError("; ".join([str(e).rstrip("."), *failed])) from None
     if failed:
         coverage["method"] += f" ({'; '.join(failed)})"
     return coverage, report

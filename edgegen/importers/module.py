@@ -570,9 +570,11 @@ def _load_class(spec: str) -> type:
         raise ImportModelError(f"{file} is not a Python file")
     source = importlib.util.module_from_spec(loader)
     sys.path.insert(0, str(path.parent.resolve()))  # its own imports of its neighbours
+    sys.modules[loader.name] = source  # dataclasses (and pickle) look their module up there
     try:
         loader.loader.exec_module(source)
     except Exception as e:
+        sys.modules.pop(loader.name, None)
         raise ImportModelError(f"cannot load {file}: {type(e).__name__}: {first_line(e)}") from None
     finally:
         sys.path.remove(str(path.parent.resolve()))
