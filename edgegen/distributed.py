@@ -12,6 +12,7 @@ one line (`World.settle`). A rank that dies makes the others' next collective fa
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -87,6 +88,11 @@ class World:
             yield
             self.settle(None)  # every rank is done before any tears the group down
         finally:
+            # DistributedDataParallel's reducer sits in reference cycles: collected only
+            # at interpreter exit, after the group is gone, it aborted the process
+            # ("terminate called without an active exception"). Collect it while the
+            # group still exists.
+            gc.collect()
             dist.destroy_process_group()
 
     def rows(self, n_rows: int, micro: int, n_micro: int) -> np.ndarray:
