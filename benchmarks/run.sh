@@ -65,6 +65,8 @@ run gru-base --family rnn --cell gru --preset base -- --steps 4 --batch-size 2 -
     echo
     "$PYTHON" benchmarks/targets.py "$OUT"
     echo
+    cat benchmarks/smollm2.md
+    echo
     cat benchmarks/limits.md
     echo
     cat benchmarks/before.md
