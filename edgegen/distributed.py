@@ -74,8 +74,16 @@ class World:
         if not self.launched:
             yield
             return
-        cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
-        if cuda and self.local_rank < torch.cuda.device_count():
+        cuda = torch.cuda.is_available() and device_name in ("cuda", "auto")
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", self.size))
+        if cuda and local_size > torch.cuda.device_count():
+            # every rank of the machine reaches the same answer, so all stop here together,
+            # before any enters a collective the others would never join
+            raise ConfigError(
+                f"{local_size} processes on this machine but torch sees "
+                f"{torch.cuda.device_count()} GPU(s): run at most one process per GPU"
+            )
+        if cuda:
             torch.cuda.set_device(self.local_rank)
         seconds = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
         try:

@@ -270,3 +270,18 @@ def test_nccl_on_the_gpus(tmp_path, text_file, one_process):
         assert abs(x["loss"] - y["loss"]) < 0.05 * abs(x["loss"]), (x, y)
     model, _ = load_checkpoint(tmp_path / "spread")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_more_processes_than_gpus_stop_before_joining(monkeypatch):
+    """Every rank of the machine sees the same count, so all stop before any enters a
+    collective (DDP's constructor) that the others would never join."""
+    from edgegen.distributed import World
+    from edgegen.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    world = World(rank=1, size=2, local_rank=1, launched=True)
+    expected = "2 processes on this machine but torch sees 1 GPU"
+    with pytest.raises(ConfigError, match=expected), world.running("cuda"):
+        pass
