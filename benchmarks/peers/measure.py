@@ -239,6 +239,8 @@ def measure(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def peak_rss_bytes() -> int:
+    """VmHWM, as edgegen.bench.worker reads it: this file runs in the peers' venvs,
+    which have no edgegen to import it from."""
     try:
         with open("/proc/self/status") as f:
             for line in f:

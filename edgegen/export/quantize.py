@@ -242,10 +242,15 @@ def embed_from_head(model: onnx.ModelProto, embedding: str) -> bool:
         graph.node.insert(at + offset, node)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    used = {i for node in graph.node for i in node.input}
-    for table in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(table)
+    drop_unused_initializers(graph)  # the float table
     return True
+
+
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def move_zero_points_out(model: onnx.ModelProto, accuracy_level: int = 0) -> int:
@@ -270,10 +275,7 @@ def move_zero_points_out(model: onnx.ModelProto, accuracy_level: int = 0) -> int
         rewritten += 1
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    used = {name for node in nodes for name in node.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    drop_unused_initializers(model.graph)
     return rewritten
 
 
