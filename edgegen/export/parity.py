@@ -111,10 +111,9 @@ def check_decode(
     two ragged prompts and decodes `steps` tokens from its own state, its KV buffer
     starting at DECODE_CAPACITY slots; the logits after each token must equal one forward
     of the original model over each row alone."""
-    vocab = min(256, spec.outputs[0]["shape"][2])
     gen = torch.Generator().manual_seed(99)
     lengths = (PROMPT_LEN, PROMPT_LEN - 4)
-    rows = [torch.randint(0, vocab, (1, n + steps), generator=gen) for n in lengths]
+    rows = [torch.randint(0, spec.example_vocab, (1, n + steps), generator=gen) for n in lengths]
     decoder = Decoder(runner, signature or spec.signature(), 0, capacity=DECODE_CAPACITY)
     got = [decoder.prefill([row[0, :n].tolist() for row, n in zip(rows, lengths, strict=True)])]
     first = decoder.capacity

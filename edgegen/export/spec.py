@@ -74,6 +74,12 @@ class StepSpec:
         return [io["name"] for io in self.outputs]
 
     @property
+    def example_vocab(self) -> int:
+        """Example token ids are drawn below this: byte ids, or fewer in a word-level
+        vocabulary smaller than 256."""
+        return min(256, self.outputs[0]["shape"][2])
+
+    @property
     def is_gpt(self) -> bool:
         return isinstance(self.module, GPTStep)
 
@@ -117,8 +123,7 @@ class StepSpec:
         exercised when batch > 1.
         """
         gen = torch.Generator().manual_seed(seed)
-        vocab = min(256, self.outputs[0]["shape"][2])  # word-level vocabularies may be smaller
-        ids = torch.randint(0, vocab, (batch, past + seq), generator=gen)
+        ids = torch.randint(0, self.example_vocab, (batch, past + seq), generator=gen)
         if self.is_gpt:
             return self._gpt_example(ids, past, gen)
         model = self.module.model
