@@ -39,6 +39,8 @@ demo: setup
 	$(BIN)/edgegen generate $(RUNS)/gru-tiny.bundle --backend torchscript --prompt "Return the " --seed 0
 	$(BIN)/edgegen generate $(RUNS)/gru-tiny.bundle --prompt "If the " --stream --seed 1
 	$(BIN)/edgegen generate $(RUNS)/gpt-tiny.bundle --precision int8 --prompt "Return the " --seed 0
+	# two processes (DDP over gloo) with gradient accumulation: the same losses as one process
+	$(BIN)/edgegen train --family gpt --preset tiny --steps 100 --batch-size 16 --grad-accum 2 --nproc 2 --out $(RUNS)/gpt-tiny-2proc --force
 	# fine-tune the tiny GPT on another text (this README): --init keeps its architecture and tokenizer
 	$(BIN)/edgegen train --init $(RUNS)/gpt-tiny --data README.md --steps 100 --lr 1e-3 --out $(RUNS)/gpt-tiny-readme --force
 	$(BIN)/edgegen sample $(RUNS)/gpt-tiny-readme --prompt "edgegen " --seed 0 --max-new-tokens 60
