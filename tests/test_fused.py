@@ -16,6 +16,8 @@ from edgegen.export.onnx import export_onnx
 from edgegen.export.spec import step_spec
 from edgegen.models import build_model
 from edgegen.models.gpt import Rotary
+from edgegen.runtime.backends import OnnxRunner
+from edgegen.runtime.decoder import in_place_state
 
 LLAMA_LIKE = dict(
     dim=32, n_heads=4, n_kv_heads=2, pos_encoding="rope", norm="rmsnorm", mlp="gated",
@@ -34,25 +36,55 @@ def exported(tmp_path_factory):
     return spec, path
 
 
-def test_rmsnorm_and_rope_become_one_kernel_each(exported):
+def test_rmsnorm_rope_and_attention_become_one_kernel_each(exported):
     spec, path = exported
     layers = spec.module.model.config.n_layers
     ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     assert ops["SimplifiedLayerNormalization"] == 2 * layers + 1  # two per block, the final
     assert ops["RotaryEmbedding"] == 2 * layers  # queries and keys
-    assert not UNFUSED_OPS & set(ops)
+    assert ops["GroupQueryAttention"] == layers
+    assert not (UNFUSED_OPS | {"Softmax"}) & set(ops)
 
 
-def test_fused_graph_matches_eager_on_a_padded_batch_with_a_past(exported):
+@pytest.mark.parametrize("batch,seq,past", [(3, 1, 5), (1, 4, 5), (3, 4, 0)])
+def test_fused_graph_matches_eager(exported, batch, seq, past):
+    """Padded rows, a past with masked garbage slots, several tokens after a past."""
     spec, path = exported
-    feeds = spec.example(batch=3, seq=4, past=5)
+    feeds = spec.example(batch=batch, seq=seq, past=past)
     with torch.no_grad():
-        want = [t.numpy() for t in spec.module(*feeds.values())]
+        want = [t.numpy() for t in spec.module(*(t.clone() for t in feeds.values()))]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {k: v.numpy() for k, v in feeds.items()})
+    total = feeds["attention_mask"].shape[1]
     assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+    for g, w in zip(got, want, strict=True):  # buffers: slots past the mask are unspecified
+        np.testing.assert_allclose(
+            g[..., :total, :] if g.ndim == 4 else g,
+            w[..., :total, :] if w.ndim == 4 else w,
+            atol=1e-4,
+            rtol=1e-4,
+        )
+
+
+def test_the_runner_binds_each_present_to_its_past(exported):
+    """The runtime's ONNX backend hands back the caller's own buffers, written in place:
+    the new slots hold the step's keys and values, every other slot is untouched."""
+    spec, path = exported
+    feeds = {k: v.numpy() for k, v in spec.example(batch=1, seq=1, past=5).items()}
+    before = {k: v.copy() for k, v in feeds.items()}
+    runner = OnnxRunner(path, spec.input_names, in_place=in_place_state(spec.signature()))
+    got = runner.run(feeds)
+    want = ort.InferenceSession(str(path)).run(None, before)
+    total = before["attention_mask"].shape[1]
+    for name, out, expected in zip(spec.input_names[3:], got[1:], want[1:], strict=True):
+        assert out is feeds[name]
+        np.testing.assert_array_equal(out[:, :, :total], expected[:, :, :total])
+        np.testing.assert_array_equal(out[:, :, total:], before[name][:, :, total:])
+        assert not np.array_equal(out[:, :, total - 1], before[name][:, :, total - 1])
+    np.testing.assert_array_equal(got[0], want[0])
+    feeds["input_ids"][0, 0] += 1  # mutated in place: still bound, read afresh
+    again = runner.run(feeds)
+    assert not np.array_equal(again[0], got[0])
 
 
 def test_the_model_is_restored_after_the_export(exported):

@@ -52,8 +52,8 @@ def test_valid_bundle_reads(bundle):
 @pytest.mark.parametrize(
     "change,message",
     [
-        (lambda d: d.update(format_version=4), "bundle format version 4 is not supported"),
-        (lambda d: d.update(format_version=2), "export the checkpoint again"),
+        (lambda d: d.update(format_version=5), "bundle format version 5 is not supported"),
+        (lambda d: d.update(format_version=3), "export the checkpoint again"),
         (lambda d: d.pop("signature"), "missing the field 'signature'"),
         (lambda d: d.update(format="other"), "not an edgegen bundle"),
         (lambda d: d["artifacts"][0].update(path="/etc/passwd"), "must stay inside the bundle"),

@@ -21,13 +21,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
+from typing import NamedTuple
 
 import onnx
 import torch
 from torch import nn
-from torch.onnx.ops import symbolic
+from torch.onnx.ops import symbolic, symbolic_multi_out
 
-from edgegen.models.gpt import GPT, Rotary, apply_rotary
+from edgegen.models.gpt import (
+    GPT,
+    CausalSelfAttention,
+    Rotary,
+    apply_rotary,
+    attend_cached,
+    attention_bias,
+)
 
 # ops ONNX Runtime registers in the ONNX domain that ONNX itself does not define
 ORT_ONNX_DOMAIN_OPS = ("SimplifiedLayerNormalization",)
@@ -78,10 +86,116 @@ def rotary_embedding(x, position_ids, cos, sin) -> torch.Tensor:
     )
 
 
+class KVWrite(NamedTuple):
+    """What every layer's attention reads besides its own tensors, made once per step
+    from the attention mask [B, total]."""
+
+    past_len: int | torch.SymInt  # slots before the new tokens: total - T
+    bias: torch.Tensor  # GroupQueryAttention's: [B, 1, T, total], 0 or -inf; else the model's
+    seqlens: torch.Tensor | None = None  # [B] int32: total - 1, the last slot written
+    total: torch.Tensor | None = None  # int32 scalar
+
+
+class FusedStep(nn.Module):
+    """The GPT step contract (spec.GPTStep) as the ONNX graph computes it. Each layer's
+    attention is one com.microsoft.GroupQueryAttention over the whole KV buffer: it
+    writes the new keys and values at slots [total - T, total) and reads only the first
+    `total`; at run time its present output is bound to the memory of its past input.
+    That kernel takes head sizes that are a multiple of KERNEL_HEAD_MULTIPLE; other
+    models attend with their own code and return each buffer with the new slots
+    concatenated in (a copy per step, correct on any runtime)."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+        self.kernel = uses_attention_kernel(model)
+
+    def forward(self, input_ids, position_ids, attention_mask, *buffers):
+        seq, total = input_ids.shape[1], attention_mask.shape[1]
+        if not self.kernel:
+            bias = attention_bias(seq, total - seq, attention_mask, input_ids.device)
+            return self.model.step(input_ids, position_ids, KVWrite(total - seq, bias), *buffers)
+        query_slot = torch.arange(total - seq, total)[:, None]
+        key_slot = torch.arange(total)[None, :]
+        # a padding query sees itself, as in the eager model (never a row of -inf alone)
+        keep = (attention_mask[:, None, None, :] > 0) | (key_slot == query_slot)
+        bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+        lengths = (attention_mask[:, 0] * 0 + (total - 1)).to(torch.int32)
+        write = KVWrite(total - seq, bias, lengths, torch.tensor(total, dtype=torch.int32))
+        return self.model.step(input_ids, position_ids, write, *buffers)
+
+
+KERNEL_HEAD_MULTIPLE = 8  # ONNX Runtime's CPU GroupQueryAttention refuses other head sizes
+
+
+def uses_attention_kernel(model: GPT) -> bool:
+    return model.config.head_dim % KERNEL_HEAD_MULTIPLE == 0
+
+
+class FusedAttention(nn.Module):
+    """A CausalSelfAttention as com.microsoft.GroupQueryAttention: its own projections,
+    rotary embeddings (FusedRotary's kernel on [B, T, heads * hs]), then the kernel."""
+
+    def __init__(self, attn: CausalSelfAttention) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x, buffer_k, buffer_v, write: KVWrite, rope):
+        attn = self.attn
+        if write.seqlens is None:  # no kernel: the model's attention, then a functional write
+            return self._attend_and_concat(x, buffer_k, buffer_v, write, rope)
+        q, k, v = attn.qkv(x).split(attn.sizes, dim=2)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        inputs = (q, k, v, buffer_k, buffer_v, write.seqlens, write.total, None, None, None)
+        attrs = {"num_heads": attn.n_heads, "kv_num_heads": attn.kv_heads}
+        y, present_k, present_v = symbolic_multi_out(
+            "com.microsoft::GroupQueryAttention",
+            (*inputs, write.bias),
+            attrs,
+            dtypes=(q.dtype, q.dtype, q.dtype),
+            shapes=(q.shape, buffer_k.shape, buffer_v.shape),
+            version=1,
+        )
+        return attn.resid_drop(attn.proj(y)), present_k, present_v
+
+    def _attend_and_concat(self, x, buffer_k, buffer_v, write: KVWrite, rope):
+        attn, past = self.attn, write.past_len
+        torch._check(past >= 0)
+        torch._check(past <= buffer_k.shape[2])
+        B, T, C = x.shape
+        q, k, v = attn.qkv(x).split(attn.sizes, dim=2)
+        q = q.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
+        k = k.view(B, T, attn.kv_heads, attn.head_dim).transpose(1, 2)
+        v = v.view(B, T, attn.kv_heads, attn.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        past_k, past_v = buffer_k[:, :, :past], buffer_v[:, :, :past]
+        y = attend_cached(q, k, v, past_k, past_v, write.bias).transpose(1, 2).reshape(B, T, C)
+        keys = [
+            torch.cat([b[:, :, :past], new, b[:, :, past + T :]], dim=2)
+            for b, new in ((buffer_k, k), (buffer_v, v))
+        ]
+        return (attn.resid_drop(attn.proj(y)), *keys)
+
+
 @contextmanager
-def ort_kernels(model: GPT) -> Iterator[None]:
-    """Within: the model's RMSNorms and rotary tables emit fused kernels when exported."""
+def fused_step(model: GPT) -> Iterator[FusedStep]:
+    """Within: the module to export for a GPT, with ONNX Runtime's fused kernels."""
     swaps = [
+        (parent, name, child, FusedAttention(child))
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, CausalSelfAttention)
+    ]
+    with ort_kernels(model, swaps):
+        yield FusedStep(model)
+
+
+@contextmanager
+def ort_kernels(model: GPT, swaps: list | None = None) -> Iterator[None]:
+    """Within: the model's RMSNorms and rotary tables emit fused kernels when exported."""
+    swaps = list(swaps or []) + [
         (parent, name, child, FusedRMSNorm(child))
         for parent in model.modules()
         for name, child in parent.named_children()

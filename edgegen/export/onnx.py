@@ -19,7 +19,7 @@ import onnx
 import torch
 
 from edgegen.errors import ExportError, first_line
-from edgegen.export.fused import check_model, ort_kernels
+from edgegen.export.fused import check_model, fused_step
 from edgegen.export.spec import StepSpec
 from edgegen.quiet import quiet
 
@@ -38,14 +38,14 @@ def export_onnx(spec: StepSpec, path: Path, opset: int = DEFAULT_OPSET) -> None:
     example = tuple(spec.example(batch=3, seq=7, past=5).values())
     if spec.is_gpt:
         how = dict(dynamo=True, dynamic_shapes=spec.dynamic_shapes(), external_data=False)
-        kernels = ort_kernels(spec.module.model)
+        kernels = fused_step(spec.module.model)
     else:
         how = dict(dynamo=False, dynamic_axes=spec.dynamic_axes())
-        kernels = nullcontext()
-    with quiet("torch.onnx", "torch.export", "torch._dynamo"), torch.no_grad(), kernels:
+        kernels = nullcontext(spec.module)
+    with quiet("torch.onnx", "torch.export", "torch._dynamo"), torch.no_grad(), kernels as module:
         try:
             torch.onnx.export(
-                spec.module,
+                module,
                 example,
                 str(path),
                 input_names=spec.input_names,

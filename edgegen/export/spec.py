@@ -4,16 +4,19 @@ all read this; the model code knows nothing of it.
 
     GPT  input_ids[batch,seq] position_ids[batch,seq] attention_mask[batch,total]
          past_key_values.{i}.key|value[batch,kv_heads,past,head_dim]
-      -> logits[batch,seq,vocab] new_key_values.{i}.key|value[batch,kv_heads,seq,head_dim]
+      -> logits[batch,seq,vocab] present.{i}.key|value[batch,kv_heads,past,head_dim]
     RNN  input_ids[batch,seq] state.h[layers,batch,hidden] (state.c for LSTM)
       -> logits[batch,seq,vocab] state_out.h (state_out.c)
 
-`total` is past + seq. An RNN's state outputs replace its state inputs. A GPT step
-returns only the keys and values of its new tokens, and the runtime writes them
-into a preallocated cache it owns and passes back whole: `past` counts cache
-slots, and `attention_mask` marks which of them hold real tokens (an empty or
-padding slot is 0). Nothing copies the cache per token, and each head's keys are
-contiguous, so attention reads them in place.
+An RNN's state outputs replace its state inputs. A GPT's state is a KV buffer the
+runtime preallocates: `past` counts its slots, and `attention_mask` [batch, total]
+covers its first `total` slots, 1 where a slot holds a real token. The step's new
+tokens go to the last `seq` of those slots, and `present` is the same buffer with
+their keys and values written there (slots from `total` on are unspecified). The
+runtime binds each present to its past, so ONNX Runtime's attention kernel writes
+the new slots in place and reads only the first `total`: nothing copies the cache
+per token. A step of several tokens after a past is one row at a time (that kernel
+allows no more); prefill of a padded batch and batched decoding are not limited.
 """
 
 from __future__ import annotations
@@ -30,22 +33,31 @@ from edgegen.models.gpt import attention_bias
 
 
 class GPTStep(nn.Module):
-    """GPT with positional step inputs (input_ids, position_ids, attention_mask, *past):
-    each past [B, kv_heads, slots, hs] in (masked slots ignored), each new
-    [B, kv_heads, T, hs] out. The attention is the model's own (`models.gpt.attend`),
-    which reads the past in place."""
+    """GPT with positional step inputs (input_ids, position_ids, attention_mask, *buffers):
+    each buffer [B, kv_heads, slots, hs] is read up to the mask's width, and the new
+    tokens' keys and values are written into it in place, at the mask's last `seq`
+    slots; the buffers come back as the new state. The attention is the model's own
+    (`models.gpt.attend`), which reads the past in place."""
 
     def __init__(self, model: GPT) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, position_ids, attention_mask, *past_key_values):
-        past_len = past_key_values[0].shape[2]
-        bias = attention_bias(input_ids.shape[1], past_len, attention_mask, input_ids.device)
-        return self.model.step(input_ids, position_ids, bias, *past_key_values)
+    def forward(self, input_ids, position_ids, attention_mask, *buffers):
+        seq = input_ids.shape[1]
+        past_len = attention_mask.shape[1] - seq
+        past = [b[:, :, :past_len] for b in buffers]
+        bias = attention_bias(seq, past_len, attention_mask, input_ids.device)
+        logits, *new = self.model.step(input_ids, position_ids, bias, *past)
+        for buffer, keys in zip(buffers, new, strict=True):
+            buffer[:, :, past_len : past_len + seq] = keys
+        return (logits, *buffers)
 
-    def init_state(self, batch: int) -> tuple[torch.Tensor, ...]:
-        return self.model.init_state(batch)
+    def init_state(self, batch: int, slots: int = 0) -> tuple[torch.Tensor, ...]:
+        cfg = self.model.config
+        return tuple(
+            torch.zeros(batch, cfg.kv_heads, slots, cfg.head_dim) for _ in self.model.state_names
+        )
 
 
 class RNNStep(nn.Module):
@@ -135,23 +147,32 @@ class StepSpec:
 
     def _gpt_example(self, ids: torch.Tensor, past: int, gen) -> dict[str, torch.Tensor]:
         batch, total = ids.shape
+        seq = total - past
         mask = torch.ones(batch, total, dtype=torch.int64)
         for row in range(1, batch):
             mask[row, : min(2 * row, total - 1)] = 0  # keep at least one real token per row
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         model = self.module.model
-        state = model.init_state(batch)
+        cfg = model.config
+        # the buffer: the past, two unused slots and the new tokens' slots (all garbage
+        # but the past: the mask hides them, the step overwrites its own), and three
+        # spare slots past the mask's width
+        gap, spare = (2, 3) if past else (0, 3)
+        slots = past + gap + seq + spare
+        state = [
+            torch.randn((batch, cfg.kv_heads, slots, cfg.head_dim), generator=gen)
+            for _ in model.state_names
+        ]
         if past:
             with torch.no_grad():
-                _, *state = model(
+                _, *filled = model(
                     ids[:, :past].contiguous(),
                     position_ids=positions[:, :past].contiguous(),
                     attention_mask=mask[:, :past].contiguous(),
                 )
-            # two unused cache slots with garbage in them: the mask must hide them
-            garbage = [torch.randn((*s.shape[:2], 2, s.shape[3]), generator=gen) for s in state]
-            state = [torch.cat([s, g], dim=2) for s, g in zip(state, garbage, strict=True)]
-            empty = torch.zeros(batch, 2, dtype=torch.int64)
+            for buffer, keys in zip(state, filled, strict=True):
+                buffer[:, :, :past] = keys
+            empty = torch.zeros(batch, gap, dtype=torch.int64)
             mask = torch.cat([mask[:, :past], empty, mask[:, past:]], dim=1)
         values = (ids[:, past:].contiguous(), positions[:, past:].contiguous(), mask, *state)
         return dict(zip(self.input_names, values, strict=True))
@@ -163,7 +184,7 @@ class StepSpec:
         if not self.is_gpt:
             state = self.module.model.init_state(batch)
             return dict(zip(self.input_names, (ids, *state), strict=True))
-        state = self.module.init_state(batch)
+        state = self.module.init_state(batch, slots=seq)
         positions = torch.arange(seq).expand(batch, seq).contiguous()
         mask = torch.ones(batch, seq, dtype=torch.int64)
         return dict(zip(self.input_names, (ids, positions, mask, *state), strict=True))
@@ -185,8 +206,8 @@ class StepSpec:
 DIMS = {
     "batch": "sequences in the batch",
     "seq": "tokens fed in this step (prompt length at prefill, 1 when decoding)",
-    "past": "tokens already in the KV cache",
-    "total": "past + seq",
+    "past": "slots in the KV buffer",
+    "total": "slots the attention mask covers: those before the new tokens, plus seq",
 }
 
 
@@ -197,7 +218,6 @@ def step_spec(model: GPT | RNNLM) -> StepSpec:
     ids = {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}
     if isinstance(cfg, GPTConfig):
         kv = ["batch", cfg.kv_heads, "past", cfg.head_dim]
-        new = ["batch", cfg.kv_heads, "seq", cfg.head_dim]
         layers = [(i, part) for i in range(cfg.n_layers) for part in ("key", "value")]
         inputs = [
             ids,
@@ -207,11 +227,11 @@ def step_spec(model: GPT | RNNLM) -> StepSpec:
             {"name": f"past_key_values.{i}.{p}", "dtype": "float32", "shape": kv} for i, p in layers
         ]
         outputs = [logits] + [
-            {"name": f"new_key_values.{i}.{p}", "dtype": "float32", "shape": new} for i, p in layers
+            {"name": f"present.{i}.{p}", "dtype": "float32", "shape": kv} for i, p in layers
         ]
         layout = {
             "kind": "kv_cache",
-            "update": "append",  # new keys/values go into free slots; the runtime owns the cache
+            "update": "in_place",  # present.{i} is past.{i} with the new slots written
             "kv_axes": ["batch", "heads", "seq", "head_dim"],
             "n_layers": cfg.n_layers,
             "n_heads": cfg.n_heads,

@@ -159,16 +159,22 @@ def attend(q, k, v, past_k, past_v, bias, dropout: float = 0.0) -> torch.Tensor:
     Without a past (training, a full forward) it is the same math over the new tokens,
     left to SDPA's fused kernel.
     """
-    B, nh, T, hs = q.shape
-    kvh, past_len = k.shape[1], past_k.shape[2]
-    group = nh // kvh
-    if past_len == 0:
+    T, group = q.shape[2], q.shape[1] // k.shape[1]
+    if past_k.shape[2] == 0:
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         causal = bias is None and T > 1
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=causal
         )
+    return attend_cached(q, k, v, past_k, past_v, bias)
+
+
+def attend_cached(q, k, v, past_k, past_v, bias) -> torch.Tensor:
+    """attend's path with a past (which may be empty when `bias` is given)."""
+    B, nh, T, hs = q.shape
+    kvh, past_len = k.shape[1], past_k.shape[2]
+    group = nh // kvh
     q = q.reshape(B, kvh, group * T, hs)
     scores = torch.cat([q @ past_k.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1)
     scores = scores * (1.0 / math.sqrt(hs))  # (B, kvh, g*T, S+T)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from edgegen.errors import BackendError
 from edgegen.runtime.backends import DEVICES, RUNNERS
+from edgegen.runtime.decoder import in_place_state
 from edgegen.runtime.generator import GenerationResult, Generator
 from edgegen.runtime.manifest import Manifest, read_manifest, verify_artifact
 from edgegen.runtime.sampler import Sampler, SamplingParams
@@ -64,7 +65,12 @@ def _open(manifest: Manifest, backend, precision, device, threads) -> Generator:
     artifact = manifest.artifact(backend, precision)
     input_names = [io["name"] for io in manifest.signature["inputs"]]
     runner = RUNNERS[backend](
-        manifest.path_of(artifact), input_names, device, threads, artifact.session_config
+        manifest.path_of(artifact),
+        input_names,
+        device,
+        threads,
+        artifact.session_config,
+        in_place_state(manifest.signature),
     )
     return Generator(runner, manifest.signature, manifest.tokenizer, manifest.generation, backend)
 

@@ -1,10 +1,15 @@
 """Backends run one step of an artifact: `run(feeds) -> outputs` in signature order.
 
 ONNX Runtime needs only numpy. TorchScript imports torch lazily, only when chosen.
+
+`in_place` maps state inputs to the outputs that return them updated (a GPT's KV
+buffers): ONNX Runtime binds each such output to its input's memory, so the step
+writes the new slots into the caller's buffer and hands that same array back.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 
@@ -30,6 +35,7 @@ class OnnxRunner:
         device: str = "cpu",
         threads: int | None = None,
         session_config: dict[str, str] | None = None,
+        in_place: dict[str, str] | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -52,9 +58,60 @@ class OnnxRunner:
         except Exception as e:  # onnxruntime raises its own exception types
             raise BackendError(f"ONNX Runtime cannot load {path.name}: {first_line(e)}") from None
         self.input_names = input_names
+        self.in_place = dict(in_place or {})
+        self._ort, self._local = ort, threading.local()  # a binding per thread
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, feeds)
+        if not self.in_place:
+            return self.session.run(None, feeds)
+        binding = getattr(self._local, "binding", None)
+        if binding is None:
+            binding = self._local.binding = _InPlaceBinding(self._ort, self.session, self.in_place)
+        return binding.run(feeds)
+
+
+class _InPlaceBinding:
+    """One IOBinding kept across steps: an input is bound again only when the caller
+    passes a different array (arrays it mutates in place stay bound), and each in-place
+    output is bound to its input's memory. Returns outputs in the session's order: the
+    in-place ones are the caller's arrays, now updated."""
+
+    def __init__(self, ort, session, in_place: dict[str, str]) -> None:
+        self.ort, self.session, self.in_place = ort, session, in_place
+        self.binding = session.io_binding()
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.fresh = [n for n in self.output_names if n not in in_place.values()]
+        self.source = {out: name for name, out in in_place.items()}
+        self.bound: dict[str, tuple[np.ndarray, np.ndarray, object]] = {}
+        self.order: list[str] = []  # outputs in the order first bound (get_outputs' order)
+
+    def _bind_output(self, name: str, *value) -> None:
+        if value:
+            self.binding.bind_ortvalue_output(name, *value)
+        else:
+            self.binding.bind_output(name, "cpu")
+        if name not in self.order:
+            self.order.append(name)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        for name, value in feeds.items():
+            held = self.bound.get(name)
+            if held is not None and held[0] is value:
+                continue
+            array = np.ascontiguousarray(value)
+            ortvalue = self.ort.OrtValue.ortvalue_from_numpy(array)
+            self.binding.bind_ortvalue_input(name, ortvalue)
+            if name in self.in_place:
+                self._bind_output(self.in_place[name], ortvalue)
+            self.bound[name] = (value, array, ortvalue)  # keeps the memory alive while bound
+        for name in self.fresh:
+            self._bind_output(name)
+        self.session.run_with_iobinding(self.binding)
+        made = dict(zip(self.order, self.binding.get_outputs(), strict=True))
+        return [
+            self.bound[self.source[n]][1] if n in self.source else made[n].numpy()
+            for n in self.output_names
+        ]
 
 
 class TorchScriptRunner:
@@ -65,6 +122,7 @@ class TorchScriptRunner:
         device: str = "cpu",
         threads: int | None = None,
         session_config: dict[str, str] | None = None,  # ONNX Runtime's; nothing here
+        in_place: dict[str, str] | None = None,  # the traced step writes its buffers itself
     ) -> None:
         try:
             import torch

@@ -5,12 +5,12 @@ signature order). The Decoder owns the run state between steps: the model state
 (KV cache or hidden state) and, for KV-cache models, the attention mask and
 positions. It never knows which backend it drives.
 
-KV cache: the step returns only the new tokens' keys and values; the Decoder
-writes them into preallocated buffers [batch, heads, capacity, head_dim] and
-feeds each buffer back whole, with the attention mask marking the filled slots,
-so the backend reads it in place. Per token nothing is copied but the new slots.
-A full buffer doubles (amortised, rare), so attention reads at most twice the
-slots in use; in exchange every head's keys stay contiguous.
+KV cache: the Decoder preallocates buffers [batch, heads, capacity, head_dim] and
+feeds them whole, with an attention mask over the slots up to and including the
+new tokens' (1 for a real token); the step writes the new keys and values into the
+buffers in place and returns them as its state (backends bind each present output
+to its past input), and attention reads only the slots the mask covers. Per token
+nothing is copied but the new slots. A full buffer doubles (amortised, rare).
 
 Ragged batches: GPT prompts are left-padded, masked and positioned so that every
 row computes what it would alone. An RNN cannot skip padding, so each RNN prompt
@@ -25,6 +25,13 @@ import numpy as np
 
 _NP_DTYPES = {"int64": np.int64, "float32": np.float32}
 _MIN_CAPACITY = 64
+
+
+def in_place_state(signature: dict[str, Any]) -> dict[str, str]:
+    """The state inputs a step updates in place, each with the output that returns it."""
+    if signature["layout"].get("update") != "in_place":
+        return {}
+    return {pair["input"]: pair["output"] for pair in signature["state"]}
 
 
 class StepRunner(Protocol):
@@ -48,7 +55,7 @@ class Decoder:
         self.state: list[np.ndarray] = []  # recurrent state, or the KV buffers
         self.length = 0  # KV slots filled
         self.axis = self.inputs[self.state_inputs[0]]["shape"].index("past") if self.kv_cache else 0
-        self.mask = np.zeros((0, 1), dtype=np.int64)  # KV: [batch, capacity + 1], last column 1
+        self.mask = np.zeros((0, 0), dtype=np.int64)  # KV: [batch, capacity], 1 for a real token
         self.positions: np.ndarray | None = None
         self._ids = np.zeros((0, 1), dtype=np.int64)
 
@@ -82,7 +89,7 @@ class Decoder:
         if self.length == self.state[0].shape[self.axis]:
             self._reserve(self.length + 1)
         self.positions += 1
-        return self._step_kv(ids, self.positions, self.state, self.mask, self._ones)
+        return self._step_kv(ids, self.positions, self._ones)
 
     def initial_state(self, batch: int) -> list[np.ndarray]:
         state = []
@@ -99,27 +106,24 @@ class Decoder:
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt) :] = prompt
             mask[row, width - len(prompt) :] = 1
-        empty = self.initial_state(batch)
-        self.state, self.length = empty, 0
-        self.mask = np.ones((batch, 1), dtype=np.int64)
+        self.state, self.length = self.initial_state(batch), 0
+        self.mask = np.zeros((batch, 0), dtype=np.int64)
         self._ids = np.zeros((batch, 1), dtype=np.int64)
         self._ones = np.ones((batch, 1), dtype=np.int64)
         self._reserve(width)
         positions = np.maximum(mask.cumsum(axis=1) - 1, 0)  # a padded row starts at 0
         self.positions = positions[:, -1:].copy()
-        return self._step_kv(ids, positions, empty, mask, mask)
+        return self._step_kv(ids, positions, mask)
 
-    def _step_kv(self, ids, positions, past, mask, real) -> np.ndarray:
-        """One step over `past` (whole buffers, or empty ones at prefill); the new
-        tokens' keys and values go to the next slots, marked by `real` [B, T]."""
+    def _step_kv(self, ids, positions, real) -> np.ndarray:
+        """One step: the new tokens take the next slots, marked by `real` [B, T]; the
+        backend writes their keys and values into the buffers it returns."""
         start, end = self.length, self.length + ids.shape[1]
-        feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
-        feeds.update(zip(self.state_inputs, past, strict=True))
-        outputs = self.runner.run(feeds)
-        slots = (slice(None),) * self.axis + (slice(start, end),)
-        for buffer, new in zip(self.state, outputs[1:], strict=True):
-            buffer[slots] = new
         self.mask[:, start:end] = real
+        feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": self.mask[:, :end]}
+        feeds.update(zip(self.state_inputs, self.state, strict=True))
+        outputs = self.runner.run(feeds)
+        self.state = outputs[1:]
         self.length = end
         return outputs[0][:, -1]
 
@@ -140,9 +144,8 @@ class Decoder:
             bigger[filled] = buffer[filled]
             grown.append(bigger)
         self.state = grown
-        mask = np.zeros((self.mask.shape[0], capacity + 1), dtype=np.int64)
+        mask = np.zeros((self.mask.shape[0], capacity), dtype=np.int64)
         mask[:, : self.length] = self.mask[:, : self.length]
-        mask[:, capacity] = 1  # the column of the token being decoded
         self.mask = mask
 
     def _run(self, ids: np.ndarray, state: list[np.ndarray]) -> list[np.ndarray]:

@@ -27,7 +27,8 @@ MANIFEST_FILE = "manifest.json"
 FORMAT_NAME = "edgegen-bundle"
 # 2: a GPT step returns only new keys/values; the runtime owns the cache
 # 3: the tokenizer file is hashed like an artifact; generation eos_token_id may list ids
-FORMAT_VERSION = 3
+# 4: a GPT step writes its new keys/values into the KV buffer it is given (present)
+FORMAT_VERSION = 4
 ARTIFACT_FORMATS = ("onnx", "torchscript")
 PRECISIONS = ("fp32", "int8", "int4", "fp16")
 DTYPES = ("int64", "float32")
@@ -316,10 +317,10 @@ def _check_signature(signature: dict[str, Any]) -> None:
     ):
         raise BundleError("manifest signature needs state inputs with a batch axis")
     if layout["kind"] == "kv_cache" and (
-        layout.get("update") != "append"
+        layout.get("update") != "in_place"
         or any("past" not in names[pair["input"]]["shape"] for pair in signature["state"])
     ):
-        raise BundleError("manifest signature: a KV cache needs a past axis and appended keys")
+        raise BundleError("manifest signature: a KV cache needs a past axis, updated in place")
 
 
 def _check_generation(generation: dict[str, Any]) -> None:
