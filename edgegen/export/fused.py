@@ -212,6 +212,63 @@ def ort_kernels(model: GPT, swaps: list | None = None) -> Iterator[None]:
             setattr(parent, name, original)
 
 
+SKIP_NORMS = {  # a norm over a residual sum -> ONNX Runtime's kernel that also adds
+    "SimplifiedLayerNormalization": "SkipSimplifiedLayerNormalization",
+    "LayerNormalization": "SkipLayerNormalization",
+}
+
+
+def fuse_skip_norms(model: onnx.ModelProto) -> int:
+    """Fold each residual Add that feeds a norm into the norm: Add(x, y) -> Norm becomes
+    one com.microsoft.Skip*LayerNormalization, whose fourth output is the sum the rest of
+    the graph reads. Only an Add of two activations of one declared shape qualifies (a
+    bias or a broadcast stays as it is). Returns how many it folded."""
+    graph = model.graph
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
+    constants = {i.name for i in graph.initializer} | {
+        n.output[0] for n in nodes if n.op_type == "Constant"
+    }
+    shapes = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in list(graph.value_info) + list(graph.input)
+        if v.type.tensor_type.HasField("shape")
+    }
+    drop = set()
+    for at, norm in enumerate(nodes):
+        if norm.op_type not in SKIP_NORMS or norm.domain != "" or norm.input[0] not in producer:
+            continue
+        add_at = producer[norm.input[0]]
+        add = nodes[add_at]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in norm.attribute}
+        a, b = add.input if add.op_type == "Add" else ("", "")
+        shape = shapes.get(a)
+        if (
+            attrs.get("axis", -1) != -1
+            or len(norm.output) > 1
+            or a in constants
+            or b in constants
+            or not set(norm.input[1:]) <= constants
+            or not shape
+            or len(shape) != 3
+            or shape != shapes.get(b)
+        ):
+            continue
+        # at the Add's place: its inputs are ready there, and the norm's are weights
+        nodes[add_at] = onnx.helper.make_node(
+            SKIP_NORMS[norm.op_type],
+            [a, b, *norm.input[1:]],
+            [norm.output[0], "", "", add.output[0]],
+            name=f"{norm.name}/skip",
+            domain="com.microsoft",
+            epsilon=attrs.get("epsilon", 1e-5),
+        )
+        drop.add(at)
+    del graph.node[:]
+    graph.node.extend(n for i, n in enumerate(nodes) if i not in drop)
+    return len(drop)
+
+
 def check_model(model: onnx.ModelProto) -> None:
     """onnx.checker.check_model, told that ONNX Runtime defines ORT_ONNX_DOMAIN_OPS."""
     moved = [n for n in model.graph.node if n.domain == "" and n.op_type in ORT_ONNX_DOMAIN_OPS]

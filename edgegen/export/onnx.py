@@ -19,7 +19,7 @@ import onnx
 import torch
 
 from edgegen.errors import ExportError, first_line
-from edgegen.export.fused import check_model, fused_step
+from edgegen.export.fused import check_model, fuse_skip_norms, fused_step
 from edgegen.export.spec import StepSpec
 from edgegen.quiet import quiet
 
@@ -80,6 +80,7 @@ def name_dims(path: Path, spec: StepSpec) -> None:
             else:
                 dim.dim_value = want
     strip_debug_info(model)
+    fuse_skip_norms(model)
     check_model(model)
     onnx.save(model, str(path))
 
