@@ -133,8 +133,10 @@ def uses_attention_kernel(model: GPT) -> bool:
 
 
 class FusedAttention(nn.Module):
-    """A CausalSelfAttention as com.microsoft.GroupQueryAttention: its own projections,
-    rotary embeddings (FusedRotary's kernel on [B, T, heads * hs]), then the kernel."""
+    """A CausalSelfAttention as one com.microsoft.GroupQueryAttention, fed the packed q/k/v
+    projection, or, with rotary positions, queries and keys rotated by FusedRotary's
+    kernel on [B, T, heads * hs] at position_ids. (The kernel's own rotation goes by
+    cache slot, which a left-padded row's positions do not follow.)"""
 
     def __init__(self, attn: CausalSelfAttention) -> None:
         super().__init__()
@@ -144,17 +146,21 @@ class FusedAttention(nn.Module):
         attn = self.attn
         if write.seqlens is None:  # no kernel: the model's attention, then a functional write
             return self._attend_and_concat(x, buffer_k, buffer_v, write, rope)
-        q, k, v = attn.qkv(x).split(attn.sizes, dim=2)
-        if rope is not None:
-            q, k = rope(q), rope(k)
-        inputs = (q, k, v, buffer_k, buffer_v, write.seqlens, write.total, None, None, None)
+        qkv = attn.qkv(x)
+        if rope is None:  # the kernel splits the packed projection itself
+            qkv_inputs = (qkv, None, None)
+        else:
+            q, k, v = qkv.split(attn.sizes, dim=2)
+            qkv_inputs = (rope(q), rope(k), v)
+        inputs = (*qkv_inputs, buffer_k, buffer_v, write.seqlens, write.total, None, None, None)
         attrs = {"num_heads": attn.n_heads, "kv_num_heads": attn.kv_heads}
+        B, T = x.shape[:2]
         y, present_k, present_v = symbolic_multi_out(
             "com.microsoft::GroupQueryAttention",
             (*inputs, write.bias),
             attrs,
-            dtypes=(q.dtype, q.dtype, q.dtype),
-            shapes=(q.shape, buffer_k.shape, buffer_v.shape),
+            dtypes=(x.dtype, x.dtype, x.dtype),
+            shapes=((B, T, attn.n_heads * attn.head_dim), buffer_k.shape, buffer_v.shape),
             version=1,
         )
         return attn.resid_drop(attn.proj(y)), present_k, present_v
@@ -266,6 +272,8 @@ def fuse_skip_norms(model: onnx.ModelProto) -> int:
         drop.add(at)
     del graph.node[:]
     graph.node.extend(n for i, n in enumerate(nodes) if i not in drop)
+    if drop and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return len(drop)
 
 

@@ -84,7 +84,7 @@ def check_parity(
 def step_grid(spec: StepSpec, run: Runner, tolerance: float) -> list[dict[str, Any]]:
     """One step on every shape of GRID: all outputs (logits and new state) vs eager. A
     GPT's several-token step after a past is one row (see spec), and its buffers are
-    compared over the slots the mask covers."""
+    compared over the real slots."""
     checks = []
     for batch, seq, past in grid(spec):
         feeds = spec.example(batch, seq, past, seed=len(checks))
@@ -92,11 +92,17 @@ def step_grid(spec: StepSpec, run: Runner, tolerance: float) -> list[dict[str, A
             want = [t.numpy() for t in spec.module(*(t.clone() for t in feeds.values()))]
         got = run(feeds)
         if spec.is_gpt:
-            total = feeds["attention_mask"].shape[1]
-            got, want = ([a[..., :total, :] if a.ndim == 4 else a for a in x] for x in (got, want))
+            got, want = (real_slots(x, feeds["attention_mask"].numpy()) for x in (got, want))
         case = f"step batch={batch} seq={seq} past={past}"
         checks.append(compare(case, spec.output_names, got, want, tolerance))
     return checks
+
+
+def real_slots(outputs: list[np.ndarray], mask: np.ndarray) -> list[np.ndarray]:
+    """A GPT step's outputs with each KV buffer cut to the slots the mask covers and
+    zero where it marks padding: what the contract specifies (see spec)."""
+    real = mask[:, None, :, None].astype(np.float32)
+    return [a[:, :, : mask.shape[1]] * real if a.ndim == 4 else a for a in outputs]
 
 
 def grid(spec: StepSpec) -> list[tuple[int, int, int]]:
