@@ -136,3 +136,25 @@ def test_a_tied_width_off_the_block_grid_keeps_its_own_int8_table(tmp_path):
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     logits = session.run(None, feeds)[0]
     assert logits.shape == (2, 3, model.config.vocab_size) and np.isfinite(logits).all()
+
+
+def test_a_layernorm_gpt_with_biases_gets_skip_norms_and_packed_attention(tmp_path):
+    """GPT-2's shape: LayerNorm over each residual sum becomes SkipLayerNormalization (a
+    bias Add stays an Add), and attention without rotary takes the packed q/k/v."""
+    torch.manual_seed(0)
+    model = build_model(preset("gpt", "tiny", dim=32, n_heads=4, bias=True, head_bias=True))
+    spec = step_spec(model)
+    export_onnx(spec, tmp_path / "model.onnx")
+    nodes = onnx.load(str(tmp_path / "model.onnx")).graph.node
+    ops = collections.Counter(n.op_type for n in nodes)
+    layers = model.config.n_layers
+    assert ops["SkipLayerNormalization"] == 2 * layers + 1  # the embedding sum's too
+    assert ops["GroupQueryAttention"] == layers and not ops["Split"]
+    feeds = spec.example(batch=3, seq=1, past=5)
+    with torch.no_grad():
+        want = [t.numpy() for t in spec.module(*(t.clone() for t in feeds.values()))]
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"))
+    got = session.run(None, {k: v.numpy() for k, v in feeds.items()})
+    mask = feeds["attention_mask"].numpy()
+    for g, w in zip(real_slots(got, mask), real_slots(want, mask), strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)

@@ -372,6 +372,9 @@ def test_hqq_zero_points_moved_out_of_the_kernel_keep_the_logits(trained_bundles
     corrections = [n for n in graph.node if n.op_type == "Add" and "/symmetric" in n.input[0]]
     assert nbits and not any(n.input[3:4] and n.input[3] for n in nbits)
     assert len(corrections) == len(nbits) - 1  # all but the head, which is 8-bit symmetric
+    corrected = {c.input[0] for c in corrections}
+    sums = [n for n in graph.node if n.op_type == "MatMul" and n.input[1].startswith("block_sum_")]
+    assert len(sums) == len({n.input[0] for n in nbits if n.output[0] in corrected})  # one each
     unmoved = [n for n in onnx.load(str(kept)).graph.node if n.op_type == "MatMulNBits"]
     assert sum(bool(n.input[3:4] and n.input[3]) for n in unmoved) == len(corrections)
     session = ort.InferenceSession(str(moved))

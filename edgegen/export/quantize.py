@@ -265,13 +265,13 @@ def move_zero_points_out(model: onnx.ModelProto, accuracy_level: int = 0) -> int
     Exact up to float rounding; the correction reads K/b x (K + N) floats, about 2/b of
     the float weight. Returns how many nodes it rewrote."""
     inits = {t.name: t for t in model.graph.initializer}
-    nodes, rewritten = [], 0
+    nodes, rewritten, sums = [], 0, {}
     for node in model.graph.node:
         nodes.append(node)
         zero = node.input[3] if node.op_type == "MatMulNBits" and len(node.input) > 3 else ""
         if not zero or zero not in inits or inits[zero].data_type != onnx.TensorProto.FLOAT:
             continue
-        nodes.extend(_zero_point_correction(model, node, inits, accuracy_level))
+        nodes.extend(_zero_point_correction(model, node, inits, accuracy_level, sums))
         rewritten += 1
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -279,7 +279,9 @@ def move_zero_points_out(model: onnx.ModelProto, accuracy_level: int = 0) -> int
     return rewritten
 
 
-def _zero_point_correction(model, node, inits, accuracy_level) -> list[onnx.NodeProto]:
+def _zero_point_correction(model, node, inits, accuracy_level, sums) -> list[onnx.NodeProto]:
+    """The correction's nodes; `sums` holds the block sums already computed, by input and
+    block shape, so MatMuls that share an input (an MLP's gate and up) sum it once."""
     attrs = {a.name: a.i for a in node.attribute}
     k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
     blocks = -(-k // block)  # the quantizer pads K to whole blocks; padding sums nothing
@@ -301,10 +303,14 @@ def _zero_point_correction(model, node, inits, accuracy_level) -> list[onnx.Node
         attrs["accuracy_level"] = accuracy_level
     del node.attribute[:]
     node.attribute.extend(helper.make_attribute(key, value) for key, value in attrs.items())
+    nodes = []
+    if (x, summing) not in sums:
+        sums[x, summing] = f"{name}/block_sums"
+        nodes.append(helper.make_node("MatMul", [x, summing], [sums[x, summing]]))
     return [
-        helper.make_node("MatMul", [x, summing], [f"{name}/block_sums"]),
+        *nodes,
         helper.make_node(
-            "MatMul", [f"{name}/block_sums", f"{name}/zero_point_correction"], [f"{name}/shift"]
+            "MatMul", [sums[x, summing], f"{name}/zero_point_correction"], [f"{name}/shift"]
         ),
         helper.make_node("Add", [f"{name}/symmetric", f"{name}/shift"], [y]),
     ]
