@@ -1,19 +1,28 @@
 """ONNX Runtime's fused CPU kernels in the exported GPT graph.
 
-torch.export spells an RMSNorm as seven ONNX nodes and the rotation of a query or key
-tensor as eight. At decode each node costs a few microseconds of dispatch besides its
-work, so a 30-layer model spent about as long between its matmuls as in them. While
-the ONNX exporter runs, `ort_kernels(model)` swaps the model's RMSNorm modules and
-rotary tables for modules that emit one ONNX Runtime kernel each:
+torch.export spells an RMSNorm as seven ONNX nodes, the rotation of a query or key
+tensor as eight and one layer's attention as about twenty. At decode each node costs a
+few microseconds of dispatch besides its work, so a 30-layer model spent about as long
+between its matmuls as in them. While the ONNX exporter runs, `fused_step(model)`
+swaps the model's modules for ones that emit one ONNX Runtime kernel each, and gives
+the step module to export (FusedStep):
 
     nn.RMSNorm       Pow ReduceMean Add Sqrt Reciprocal Mul Mul  ->  SimplifiedLayerNormalization
     rope on q or k   Split Mul Mul Sub Mul Mul Add Concat        ->  com.microsoft.RotaryEmbedding
+    attention        Reshape MatMul Where Softmax MatMul ...   ->  com.microsoft.GroupQueryAttention
 
-Outside an export the swapped modules run the model's own code, and the parity gate
-compares the exported graph with the eager model as it was, so a kernel that computes
-anything else fails the export. Both kernels ship in onnxruntime's CPU provider (and
-its CUDA one). ONNX Runtime, not ONNX, registers SimplifiedLayerNormalization in the
-ONNX domain, so `onnx.checker` needs to be told (check_model).
+and, once exported, `fuse_skip_norms` folds each residual Add into the norm that reads
+it (com.microsoft.SkipSimplifiedLayerNormalization / SkipLayerNormalization).
+
+GroupQueryAttention writes the step's new keys and values into the KV buffer it is
+given and reads only the slots the attention mask covers, which is the step contract
+(spec.py); the runtime binds its present output to the past input's memory. Outside an
+export the swapped norms and rotary tables run the model's own code, and the parity
+gate compares the exported graph with the eager model as it was, so a kernel that
+computes anything else fails the export. All these kernels ship in onnxruntime's CPU
+provider (and its CUDA one). ONNX Runtime, not ONNX, registers
+SimplifiedLayerNormalization in the ONNX domain, so `onnx.checker` needs to be told
+(check_model).
 """
 
 from __future__ import annotations

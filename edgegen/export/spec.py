@@ -12,11 +12,12 @@ An RNN's state outputs replace its state inputs. A GPT's state is a KV buffer th
 runtime preallocates: `past` counts its slots, and `attention_mask` [batch, total]
 covers its first `total` slots, 1 where a slot holds a real token. The step's new
 tokens go to the last `seq` of those slots, and `present` is the same buffer with
-their keys and values written there (slots from `total` on are unspecified). The
-runtime binds each present to its past, so ONNX Runtime's attention kernel writes
-the new slots in place and reads only the first `total`: nothing copies the cache
-per token. A step of several tokens after a past is one row at a time (that kernel
-allows no more); prefill of a padded batch and batched decoding are not limited.
+their keys and values written there (padding slots, and slots from `total` on, are
+unspecified). The runtime binds each present to its past, so ONNX Runtime's
+attention kernel writes the new slots in place and reads only the first `total`:
+nothing copies the cache per token. A step of several tokens after a past is one row
+at a time (that kernel allows no more); prefill of a padded batch and batched
+decoding are not limited.
 """
 
 from __future__ import annotations
