@@ -9,7 +9,7 @@ the step module to export (FusedStep):
 
     nn.RMSNorm       Pow ReduceMean Add Sqrt Reciprocal Mul Mul  ->  SimplifiedLayerNormalization
     rope on q or k   Split Mul Mul Sub Mul Mul Add Concat        ->  com.microsoft.RotaryEmbedding
-    attention        Reshape MatMul Where Softmax MatMul ...   ->  com.microsoft.GroupQueryAttention
+    attention        Reshape MatMul Where Softmax MatMul ...     ->  GroupQueryAttention (contrib)
 
 and, once exported, `fuse_skip_norms` folds each residual Add into the norm that reads
 it (com.microsoft.SkipSimplifiedLayerNormalization / SkipLayerNormalization).
