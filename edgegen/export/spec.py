@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgegen.config import GPTConfig
@@ -35,21 +36,23 @@ from edgegen.models.gpt import attention_bias
 
 class GPTStep(nn.Module):
     """GPT with positional step inputs (input_ids, position_ids, attention_mask, *buffers):
-    each buffer [B, kv_heads, slots, hs] is read up to the mask's width, and the new
-    tokens' keys and values are written into it in place, at the mask's last `seq`
-    slots; the buffers come back as the new state. The attention is the model's own
-    (`models.gpt.attend`), which reads the past in place."""
+    each buffer [B, kv_heads, slots, hs] is the past, its slots from the mask's width on
+    masked, and the new tokens' keys and values are written into it in place, at the
+    mask's last `seq` slots; the buffers come back as the new state. Attending over the
+    whole buffer keeps every shape fixed from one step to the next (TorchScript
+    specialises on shapes); the attention is the model's own (`models.gpt.attend`)."""
 
     def __init__(self, model: GPT) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, input_ids, position_ids, attention_mask, *buffers):
-        seq = input_ids.shape[1]
+        seq, slots = input_ids.shape[1], buffers[0].shape[2]
         past_len = attention_mask.shape[1] - seq
-        past = [b[:, :, :past_len] for b in buffers]
-        bias = attention_bias(seq, past_len, attention_mask, input_ids.device)
-        logits, *new = self.model.step(input_ids, position_ids, bias, *past)
+        past_mask = F.pad(attention_mask[:, :past_len], (0, slots - past_len))
+        mask = torch.cat([past_mask, attention_mask[:, past_len:]], dim=1)  # [B, slots + seq]
+        bias = attention_bias(seq, slots, mask, input_ids.device)
+        logits, *new = self.model.step(input_ids, position_ids, bias, *buffers)
         for buffer, keys in zip(buffers, new, strict=True):
             buffer[:, :, past_len : past_len + seq] = keys
         return (logits, *buffers)
