@@ -14,8 +14,9 @@ covers its first `total` slots, 1 where a slot holds a real token. The step's ne
 tokens go to the last `seq` of those slots, and `present` is the same buffer with
 their keys and values written there (padding slots, and slots from `total` on, are
 unspecified). The runtime binds each present to its past, so ONNX Runtime's
-attention kernel writes the new slots in place and reads only the first `total`:
-nothing copies the cache per token. A step of several tokens after a past is one row
+attention kernel writes the new slots in place and reads only the first `total`
+(the eager and traced step read the whole buffer, masked): nothing copies the cache
+per token. A step of several tokens after a past is one row
 at a time (that kernel allows no more); prefill of a padded batch and batched
 decoding are not limited.
 """
