@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from edgegen.errors import SamplingError
 from edgegen.runtime import Sampler
-from edgegen.runtime.sampler import SamplingParams, apply_penalties, logits_to_probs
+from edgegen.runtime.sampler import SamplingParams, apply_penalties, logits_to_probs, top_k_ids
 
 LOGITS = np.array([[0.0, 3.0, 1.0, 2.5, -1.0]])
 
@@ -227,3 +227,19 @@ def test_every_row_draws_from_its_own_stream_of_the_seed():
     rows = np.repeat(logits, 3, axis=0)
     for _ in range(20):
         assert batch(rows).tolist() == [int(alone(logits)[0])] * 3
+
+
+@pytest.mark.parametrize("vocab,k", [(49152, 40), (49152, 1), (5000, 50), (259, 40), (100, 99)])
+def test_top_k_ids_finds_the_values_a_partial_sort_finds(vocab, k):
+    """Over many rows, with ties and -inf among them: the same k values as argpartition."""
+    rng = np.random.default_rng(vocab + k)
+    for trial in range(50):
+        row = rng.standard_normal(vocab)
+        if trial % 3 == 0:
+            row = np.round(row, 1)  # many ties, also at the k-th value
+        if trial % 5 == 0:
+            row[rng.random(vocab) < 0.9] = -np.inf
+        ids = top_k_ids(row, k)
+        assert len(ids) == len(set(ids.tolist())) == k
+        want = np.sort(row[np.argpartition(row, -k)[-k:]])
+        np.testing.assert_array_equal(np.sort(row[ids]), want)
