@@ -20,9 +20,10 @@ given and reads only the slots the attention mask covers, which is the step cont
 export the swapped norms and rotary tables run the model's own code, and the parity
 gate compares the exported graph with the eager model as it was, so a kernel that
 computes anything else fails the export. All these kernels ship in onnxruntime's CPU
-provider (and its CUDA one). ONNX Runtime, not ONNX, registers
-SimplifiedLayerNormalization in the ONNX domain, so `onnx.checker` needs to be told
-(check_model).
+provider; GroupQueryAttention's CUDA kernel takes neither float32 nor an attention
+bias, so on a GPU it runs on the CPU provider (fp16 artifacts keep it float32).
+ONNX Runtime, not ONNX, registers SimplifiedLayerNormalization in the ONNX domain, so
+`onnx.checker` needs to be told (check_model).
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class FusedRotary(nn.Module):
 
 
 def rotary_embedding(x, position_ids, cos, sin) -> torch.Tensor:
-    """Rotate x [B, heads, T, hs] (the halves of each head as pairs) to position_ids [B, T]."""
+    """Rotate x [B, heads, T, hs] (the halves of each head as pairs) to position_ids [B, T].
+    Exported, x may also be [B, T, heads * hs] (the kernel takes both)."""
     if not torch.onnx.is_in_onnx_export():
         return apply_rotary(x, cos[position_ids][:, None], sin[position_ids][:, None])
     return symbolic(
@@ -176,9 +178,9 @@ class FusedAttention(nn.Module):
 
     def _attend_and_concat(self, x, buffer_k, buffer_v, write: KVWrite, rope):
         attn, past = self.attn, write.past_len
-        torch._check(past >= 0)
-        torch._check(past <= buffer_k.shape[2])
         B, T, C = x.shape
+        torch._check(past >= 0)
+        torch._check(past + T <= buffer_k.shape[2])
         q, k, v = attn.qkv(x).split(attn.sizes, dim=2)
         q = q.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
         k = k.view(B, T, attn.kv_heads, attn.head_dim).transpose(1, 2)
@@ -244,11 +246,13 @@ def fuse_skip_norms(model: onnx.ModelProto) -> int:
     constants = {i.name for i in graph.initializer} | {
         n.output[0] for n in nodes if n.op_type == "Constant"
     }
-    shapes = {
+    shapes = {  # declared shapes whose every dim is named or known
         v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
         for v in list(graph.value_info) + list(graph.input)
         if v.type.tensor_type.HasField("shape")
+        and all(d.dim_param or d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)
     }
+    weights = {i.name for i in graph.initializer}
     drop = set()
     for at, norm in enumerate(nodes):
         if norm.op_type not in SKIP_NORMS or norm.domain != "" or norm.input[0] not in producer:
@@ -263,7 +267,7 @@ def fuse_skip_norms(model: onnx.ModelProto) -> int:
             or len(norm.output) > 1
             or a in constants
             or b in constants
-            or not set(norm.input[1:]) <= constants
+            or not set(norm.input[1:]) <= weights
             or not shape
             or len(shape) != 3
             or shape != shapes.get(b)

@@ -409,11 +409,24 @@ def output_head(model: onnx.ModelProto) -> onnx.NodeProto | None:
 
 
 def _onnx_fp16(src: Path, dst: Path) -> str:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    """float16 weights and compute but for GroupQueryAttention, which stays float32: its
+    CUDA kernel takes no attention_bias (padding) and no float32, so ONNX Runtime runs it
+    on the CPU provider. (The converter casts the float32 KV buffers to float16 and back
+    around it: a copy of the cache per layer and token that fp32 artifacts do not make.)"""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    model = convert_float_to_float16(
+        onnx.load(str(src)),
+        keep_io_types=True,
+        op_block_list=[*DEFAULT_OP_BLOCK_LIST, "GroupQueryAttention"],
+    )
     onnx.save(model, str(dst))
-    return "float16 weights and compute, float32 inputs and outputs"
+    attention = any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+    return "float16 weights and compute, float32 inputs and outputs" + (
+        "; attention in float32 on the CPU provider, over the float32 KV buffers"
+        if attention
+        else ""
+    )
 
 
 def fold_constant_transposes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -96,8 +96,8 @@ class _InPlaceBinding:
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         for name, value in feeds.items():
             held = self.bound.get(name)
-            if held is not None and held[0] is value:
-                continue
+            if held is not None and held[0] is value and held[1] is value:
+                continue  # bound to this very memory (a copy made for layout is not reused)
             array = np.ascontiguousarray(value)
             ortvalue = self.ort.OrtValue.ortvalue_from_numpy(array)
             self.binding.bind_ortvalue_input(name, ortvalue)

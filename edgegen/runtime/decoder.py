@@ -9,7 +9,7 @@ KV cache: the Decoder preallocates buffers [batch, heads, capacity, head_dim] an
 feeds them whole, with an attention mask over the slots up to and including the
 new tokens' (1 for a real token); the step writes the new keys and values into the
 buffers in place and returns them as its state (backends bind each present output
-to its past input), and attention reads only the slots the mask covers. Per token
+to its past input); ONNX attention reads only the slots the mask covers. Per token
 nothing is copied but the new slots. A full buffer doubles (amortised, rare).
 
 Ragged batches: GPT prompts are left-padded, masked and positioned so that every
