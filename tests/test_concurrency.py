@@ -67,3 +67,17 @@ def test_a_thousand_calls_keep_memory_flat(trained_bundles, name):
         gen.generate("The ", max_new_tokens=8, seed=i)
     grown = resident_mb() - before
     assert grown < 8, f"resident memory grew {grown:.1f} MB over 1000 calls"
+
+
+def test_a_finished_generation_leaves_no_kv_buffer_bound(trained_bundles):
+    """The ONNX backend binds the Decoder's KV buffers across steps; when a generation
+    ends (or a stream is dropped) it lets go of them, and the next one binds afresh."""
+    gen = edgegen.runtime.load(trained_bundles["gpt"][1])
+    first = gen.generate("The ", max_new_tokens=8, seed=0).token_ids
+    assert gen.runner._local.binding is None
+    stream = gen.stream("The ", max_new_tokens=8, seed=0)
+    next(stream)
+    assert gen.runner._local.binding is not None  # mid-generation: bound
+    stream.close()
+    assert gen.runner._local.binding is None
+    assert gen.generate("The ", max_new_tokens=8, seed=0).token_ids == first

@@ -69,6 +69,11 @@ class OnnxRunner:
             binding = self._local.binding = _InPlaceBinding(self._ort, self.session, self.in_place)
         return binding.run(feeds)
 
+    def release(self) -> None:
+        """Drop this thread's binding and the arrays it holds (a finished generation's KV
+        buffers); the next run binds afresh."""
+        self._local.binding = None
+
 
 class _InPlaceBinding:
     """One IOBinding kept across steps: an input is bound again only when the caller

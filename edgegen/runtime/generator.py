@@ -162,6 +162,14 @@ class Run:
 
     def steps(self) -> Iterator[None]:
         """Yields after every sampled token (so a stream can emit it)."""
+        release = getattr(self.g.runner, "release", None)  # the backend's hold on the cache
+        try:
+            yield from self._steps()
+        finally:
+            if release is not None:
+                release()
+
+    def _steps(self) -> Iterator[None]:
         p = self.params
         decoder = Decoder(self.g.runner, self.g.signature, self.g.tokenizer.pad_id)
         sampler = Sampler(p)
