@@ -123,14 +123,11 @@ class FusedStep(nn.Module):
 
     def forward(self, input_ids, position_ids, attention_mask, *buffers):
         seq, total = input_ids.shape[1], attention_mask.shape[1]
+        # the model's own mask: causal, no padding key, a padding query sees itself
+        allowed = attention_bias(seq, total - seq, attention_mask, input_ids.device)
         if not self.kernel:
-            bias = attention_bias(seq, total - seq, attention_mask, input_ids.device)
-            return self.model.step(input_ids, position_ids, KVWrite(total - seq, bias), *buffers)
-        query_slot = torch.arange(total - seq, total)[:, None]
-        key_slot = torch.arange(total)[None, :]
-        # a padding query sees itself, as in the eager model (never a row of -inf alone)
-        keep = (attention_mask[:, None, None, :] > 0) | (key_slot == query_slot)
-        bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+            return self.model.step(input_ids, position_ids, KVWrite(total - seq, allowed), *buffers)
+        bias = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
         lengths = (attention_mask[:, 0] * 0 + (total - 1)).to(torch.int32)
         write = KVWrite(total - seq, bias, lengths, torch.tensor(total, dtype=torch.int32))
         return self.model.step(input_ids, position_ids, write, *buffers)
@@ -178,22 +175,17 @@ class FusedAttention(nn.Module):
 
     def _attend_and_concat(self, x, buffer_k, buffer_v, write: KVWrite, rope):
         attn, past = self.attn, write.past_len
-        B, T, C = x.shape
+        T = x.shape[1]
         torch._check(past >= 0)
         torch._check(past + T <= buffer_k.shape[2])
-        q, k, v = attn.qkv(x).split(attn.sizes, dim=2)
-        q = q.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
-        k = k.view(B, T, attn.kv_heads, attn.head_dim).transpose(1, 2)
-        v = v.view(B, T, attn.kv_heads, attn.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = rope(q), rope(k)
+        q, k, v = attn.heads(x, rope)
         past_k, past_v = buffer_k[:, :, :past], buffer_v[:, :, :past]
-        y = attend_cached(q, k, v, past_k, past_v, write.bias).transpose(1, 2).reshape(B, T, C)
+        y = attend_cached(q, k, v, past_k, past_v, write.bias)  # never SDPA's branch
         keys = [
             torch.cat([b[:, :, :past], new, b[:, :, past + T :]], dim=2)
             for b, new in ((buffer_k, k), (buffer_v, v))
         ]
-        return (attn.resid_drop(attn.proj(y)), *keys)
+        return (attn.output(y), *keys)
 
 
 @contextmanager

@@ -132,17 +132,26 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(config.dropout)
 
     def forward(self, x, past_k, past_v, bias, rope):
-        B, T, C = x.shape
+        q, k, v = self.heads(x, rope)
+        dropout = self.dropout if self.training else 0.0
+        y = attend(q, k, v, past_k, past_v, bias, dropout)
+        return self.output(y), k, v
+
+    def heads(self, x, rope):
+        """x (B, T, dim) -> q (B, nh, T, hs), k and v (B, kvh, T, hs), rotated by `rope`."""
+        B, T, _ = x.shape
         q, k, v = self.qkv(x).split(self.sizes, dim=2)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kvh, T, hs)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = rope(q), rope(k)
-        dropout = self.dropout if self.training else 0.0
-        y = attend(q, k, v, past_k, past_v, bias, dropout)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, dim)
-        return self.resid_drop(self.proj(y)), k, v
+        return q, k, v
+
+    def output(self, y):
+        """The heads' attention (B, nh, T, hs) -> the layer's output (B, T, dim)."""
+        B, _, T, _ = y.shape
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, -1)))
 
 
 def attend(q, k, v, past_k, past_v, bias, dropout: float = 0.0) -> torch.Tensor:
