@@ -423,9 +423,7 @@ def _onnx_fp16(src: Path, dst: Path) -> str:
     onnx.save(model, str(dst))
     attention = any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
     return "float16 weights and compute, float32 inputs and outputs" + (
-        "; attention in float32 on the CPU provider, over the float32 KV buffers"
-        if attention
-        else ""
+        "; attention in float32, on the CPU provider" if attention else ""
     )
 
 

@@ -100,8 +100,8 @@ def export_bundle(
 def _export_claimed(model, tokenizer, out, formats, opset, max_seq_len, on_artifact, quantize):
     context = _context_length(model.config, max_seq_len)
     spec = step_spec(model)
-    if quantize.precisions:  # held-out text the tokenizer cannot measure fails before exporting
-        eval_windows(tokenizer, quantize.eval_text, spec)
+    # held-out text the tokenizer cannot measure fails before exporting
+    windows = eval_windows(tokenizer, quantize.eval_text, spec) if quantize.precisions else None
 
     def fill(tmp: Path) -> None:
         tokenizer_section = _write_tokenizer(tokenizer, tmp)
@@ -123,7 +123,7 @@ def _export_claimed(model, tokenizer, out, formats, opset, max_seq_len, on_artif
                 )
             )
         for artifact, report in add_quantized(
-            tmp, model, spec, tokenizer, formats, quantize, on_artifact
+            tmp, model, spec, tokenizer, formats, quantize, on_artifact, windows
         ):
             artifacts.append(artifact)
             parity[artifact.path] = report
@@ -178,13 +178,15 @@ class QuantizeOptions:
 
 
 def add_quantized(
-    tmp: Path, model, spec, tokenizer, formats, options: QuantizeOptions, on_artifact
+    tmp: Path, model, spec, tokenizer, formats, options: QuantizeOptions, on_artifact, windows=None
 ):
     """Yield (artifact, report) for each quantized artifact, made from what is in `tmp`
-    and gated on quality against eager fp32; raise ParityError when one fails."""
+    and gated on quality against eager fp32 on `windows` (eval_windows, made here unless
+    given); raise ParityError when one fails."""
     if not options.precisions:
         return
-    windows = eval_windows(tokenizer, options.eval_text, spec)
+    if windows is None:
+        windows = eval_windows(tokenizer, options.eval_text, spec)
     for precision in options.precisions:
         for fmt in formats:
             if (fmt, precision) not in SUPPORTED:

@@ -87,7 +87,7 @@ class _InPlaceBinding:
         self.output_names = [o.name for o in session.get_outputs()]
         self.fresh = [n for n in self.output_names if n not in in_place.values()]
         self.source = {out: name for name, out in in_place.items()}
-        self.bound: dict[str, tuple[np.ndarray, np.ndarray, object]] = {}
+        self.bound: dict[str, tuple[np.ndarray, object]] = {}  # array, its OrtValue
         self.order: list[str] = []  # outputs in the order first bound (get_outputs' order)
 
     def _bind_output(self, name: str, *value) -> None:
@@ -101,20 +101,20 @@ class _InPlaceBinding:
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         for name, value in feeds.items():
             held = self.bound.get(name)
-            if held is not None and held[0] is value and held[1] is value:
+            if held is not None and held[0] is value:
                 continue  # bound to this very memory (a copy made for layout is not reused)
             array = np.ascontiguousarray(value)
             ortvalue = self.ort.OrtValue.ortvalue_from_numpy(array)
             self.binding.bind_ortvalue_input(name, ortvalue)
             if name in self.in_place:
                 self._bind_output(self.in_place[name], ortvalue)
-            self.bound[name] = (value, array, ortvalue)  # keeps the memory alive while bound
+            self.bound[name] = (array, ortvalue)  # keeps the memory alive while bound
         for name in self.fresh:
             self._bind_output(name)
         self.session.run_with_iobinding(self.binding)
         made = dict(zip(self.order, self.binding.get_outputs(), strict=True))
         return [
-            self.bound[self.source[n]][1] if n in self.source else made[n].numpy()
+            self.bound[self.source[n]][0] if n in self.source else made[n].numpy()
             for n in self.output_names
         ]
 
