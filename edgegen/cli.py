@@ -36,6 +36,16 @@ class EdgegenGroup(click.Group):
         ctx.meta["edgegen.argv"] = argv  # what `train --nproc` starts each process with
         return ctx
 
+    def main(self, *args, **kwargs):
+        from edgegen.launch import end_rank, is_rank
+
+        try:
+            return super().main(*args, **kwargs)
+        except SystemExit as e:
+            if is_rank():  # its one line (if any) is printed
+                end_rank(e.code)
+            raise
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -185,7 +195,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 def train_command(ctx, overrides, resume, force, quiet, nproc, **kwargs) -> None:
     """Train a model (or resume one, or fine-tune one with --init) and write its checkpoint.
     Under torchrun, each process is one rank of the run."""
-    from edgegen.launch import check_world, launch, launched_size
+    from edgegen.launch import as_rank, check_world, launch, launched_size
 
     size = launched_size()
     if size is not None and nproc not in (1, size):
@@ -193,6 +203,8 @@ def train_command(ctx, overrides, resume, force, quiet, nproc, **kwargs) -> None
     check_world(nproc, kwargs["batch_size"])
     if nproc > 1 and size is None:
         ctx.exit(launch(ctx.meta["edgegen.argv"], nproc))
+    if size is not None:
+        as_rank()
 
     from edgegen.train import TrainOptions, train
 

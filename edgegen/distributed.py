@@ -7,6 +7,7 @@ any number of processes. Rank 0 alone validates and writes checkpoints while the
 wait (`World.on_main`); an error in any rank stops every rank, and rank 0 says why in
 one line (`World.settle`). A rank that dies makes the others' next collective fail
 (or time out after EDGEGEN_DIST_TIMEOUT seconds), and they stop with `PeerLost`.
+A rank started from the CLI ends without the interpreter's teardown (`launch.end_rank`).
 """
 
 from __future__ import annotations

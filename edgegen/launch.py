@@ -6,11 +6,14 @@ process stays small; the ranks themselves are `python -m edgegen ...` (distribut
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import os
 import signal
 import socket
 import subprocess
 import sys
+from typing import NoReturn
 
 from edgegen.errors import ConfigError
 
@@ -19,6 +22,40 @@ def launched_size() -> int | None:
     """The number of processes torchrun (or `--nproc`) started this one among, or None."""
     size = os.environ.get("WORLD_SIZE")
     return int(size) if size and "RANK" in os.environ else None
+
+
+_ranks = []  # this process, once it is one rank of a run
+
+
+def as_rank() -> None:
+    """Set up this process as one rank of a run, ended by `end_rank`. A rank ended by a
+    fatal signal prints where each of its threads was: it cannot say why in a line."""
+    faulthandler.enable()
+    _ranks.append(os.getpid())
+
+
+def is_rank() -> bool:
+    return os.getpid() in _ranks
+
+
+def end_rank(code: int | str | None) -> NoReturn:
+    """End a rank process whose run is over (its checkpoint written, its process group
+    destroyed) with `code`, skipping the interpreter's teardown.
+
+    torch's C++ threads and objects outlive the Python code that used them, and their
+    destructors at teardown aborted a finished rank now and then ("terminate called
+    without an active exception", exit 134) on a loaded machine. Nothing of the run is
+    left to lose by then: files are closed, and stdout and stderr are flushed here."""
+    for stream in (sys.stdout, sys.stderr):
+        # a closed pipe: nothing more can reach its reader
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr, flush=True)  # what SystemExit would have printed
+        code = 1
+    os._exit(code)
 
 
 def check_world(nproc: int, batch_size: int) -> None:

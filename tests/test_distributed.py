@@ -233,6 +233,36 @@ def test_ctrl_c_stops_every_rank_after_the_same_step(tmp_path, text_file):
     load_checkpoint(out)
 
 
+RANK_WITH_TEARDOWN_MARK = """
+import atexit, sys
+from edgegen.cli import main
+atexit.register(lambda: print("teardown ran", flush=True))
+main(sys.argv[1:])
+"""
+
+
+def test_a_rank_ends_without_the_interpreters_teardown(tmp_path, text_file):
+    """A rank whose run is over exits at once with its status, its output flushed: the
+    interpreter's teardown (where torch's threads aborted finished ranks) never runs.
+    A failing rank still says its one line first."""
+    opts = options("gru", tmp_path / "ck", text_file, steps=2, batch_size=2)
+    command = [sys.executable, "-c", RANK_WITH_TEARDOWN_MARK, *cli_args(opts)]
+    ranks = start_ranks(command, 2, free_port())
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    assert outputs[0][0].startswith(f"{opts.out}: step 2,") and outputs[1][0] == ""
+    assert all("teardown ran" not in out for out, _ in outputs)
+    load_checkpoint(opts.out)
+
+    missing = options("gru", tmp_path / "other", tmp_path / "missing.txt", steps=2, batch_size=2)
+    command = [sys.executable, "-c", RANK_WITH_TEARDOWN_MARK, *cli_args(missing)]
+    ranks = start_ranks(command, 2, free_port())
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [1, 1], outputs
+    assert outputs[0][1].startswith("error: ") and outputs[0][1].count("\n") == 1, outputs
+    assert outputs[1][1] == "" and all("teardown ran" not in out for out, _ in outputs)
+
+
 @pytest.mark.parametrize(
     "args,piece",
     [
