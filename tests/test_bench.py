@@ -15,6 +15,7 @@ ROW_KEYS = {
     "backend",
     "precision",
     "load_s",
+    "huge_page_bytes",
     "ttft_s",
     "decode_s",
     "decode_tokens_per_s",
@@ -63,6 +64,7 @@ def test_protocol(trained_bundles, name):
         assert row["floor_multiple"] == pytest.approx(row["decode_s"]["p50"] / row["floor_s"])
     eager, _, onnx_row = report["rows"]
     assert eager["decode_speedup_vs_eager"] == 1.0
+    assert eager["huge_page_bytes"] == 0 and onnx_row["huge_page_bytes"] >= 0
     assert eager["torch_imported"] and not onnx_row["torch_imported"]
     assert report["memory_read_bandwidth_bytes_per_s"] > 1e8
     assert {"cpu", "cores", "threads"} <= set(report["machine"])
@@ -237,3 +239,15 @@ def test_roofline_reads_like_a_decode_step():
     x, w = np.arange(3, dtype=np.float32)[None], np.arange(12, dtype=np.float32).reshape(3, 4)
     np.testing.assert_array_equal(session.run(None, {"x": x, "w": w})[0], x @ w)
     assert 1e8 < memory_read_bandwidth(threads=1, nbytes=16 * 1024 * 1024, repeats=2) < 1e12
+
+
+def test_the_footer_names_the_weights_moved_to_huge_pages():
+    from edgegen.bench.report import _huge_pages_note
+
+    rows = [
+        {"backend": "onnx", "precision": "int8", "huge_page_bytes": 304 << 20},
+        {"backend": "eager", "precision": "fp32", "huge_page_bytes": 0},
+    ]
+    note = _huge_pages_note({"rows": rows})
+    assert note == " Loaded weights moved to 2 MB pages: onnx int8 319 MB."
+    assert _huge_pages_note({"rows": rows[1:]}) == ""

@@ -66,8 +66,21 @@ def _footer(report: dict[str, Any]) -> str:
         f"every fp32 row produced {same}. Memory read bandwidth "
         f"{report['memory_read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (best fp32 "
         "matrix-vector product over 256 MB, at the rows' thread count); "
-        "floor = weight bytes / bandwidth." + _growth_note(report) + _cold_note(report)
+        "floor = weight bytes / bandwidth."
+        + _huge_pages_note(report)
+        + _growth_note(report)
+        + _cold_note(report)
     )
+
+
+def _huge_pages_note(report: dict[str, Any]) -> str:
+    moved = [r for r in report["rows"] if r.get("huge_page_bytes")]
+    if not moved:
+        return ""
+    rows = ", ".join(
+        f"{r['backend']} {r['precision']} {r['huge_page_bytes'] / 1e6:.0f} MB" for r in moved
+    )
+    return f" Loaded weights moved to 2 MB pages: {rows}."
 
 
 def _growth_note(report: dict[str, Any]) -> str:

@@ -106,6 +106,7 @@ def measure(row: dict[str, Any]) -> dict[str, Any]:
     ]
     return {
         "load_s": load_s,
+        "huge_page_bytes": getattr(timed.runner, "huge_page_bytes", 0),
         "runs": runs,
         "tokens": [r.token_ids for r in results],
         "long_decode_s": [float(t) for t in np.median(np.array(long), axis=0)],

@@ -5,6 +5,7 @@ ONNX Runtime needs only numpy. TorchScript imports torch lazily, only when chose
 `in_place` maps state inputs to the outputs that return them updated (a GPT's KV
 buffers): ONNX Runtime binds each such output to its input's memory, so the step
 writes the new slots into the caller's buffer and hands that same array back.
+Both backends move the weights they load onto huge pages (huge_pages.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgegen.errors import BackendError, first_line
+from edgegen.runtime.huge_pages import collapsed
 
 DEVICES = ("cpu", "cuda")
 
@@ -54,9 +56,11 @@ class OnnxRunner:
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(key, value)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            with collapsed() as pages:  # the weights, as ORT laid them out, on huge pages
+                self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise BackendError(f"ONNX Runtime cannot load {path.name}: {first_line(e)}") from None
+        self.huge_page_bytes = pages.bytes
         self.input_names = input_names
         self.in_place = dict(in_place or {})
         self._ort, self._local = ort, threading.local()  # a binding per thread
@@ -139,7 +143,9 @@ class TorchScriptRunner:
             raise BackendError("device cuda was asked for, but torch sees no CUDA GPU")
         if threads:
             torch.set_num_threads(threads)
-        self.module = _load_torchscript(torch, path, device)
+        with collapsed() as pages:
+            self.module = _load_torchscript(torch, path, device)
+        self.huge_page_bytes = pages.bytes
         self.torch, self.device, self.input_names = torch, torch.device(device), input_names
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -1,0 +1,61 @@
+"""Loaded weights on 2 MB pages: what a load allocates is collapsed into huge pages where
+the kernel can, and nothing changes (but the speed) where it cannot."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgegen.runtime import huge_pages
+from edgegen.runtime.huge_pages import collapsed
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _huge_kb_in(array: np.ndarray) -> int:
+    """AnonHugePages of the mappings that hold `array`'s memory."""
+    start = array.ctypes.data
+    end = start + array.nbytes
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        span = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
+        if span:
+            low, high = int(span[1], 16), int(span[2], 16)
+            inside = low < end and start < high
+        elif inside and line.startswith("AnonHugePages:"):
+            total += int(line.split()[1])
+    return total
+
+
+def _thp_available() -> bool:
+    return THP.exists() and "[never]" not in THP.read_text()
+
+
+@pytest.mark.skipif(not _thp_available(), reason="no transparent huge pages on this kernel")
+def test_memory_allocated_in_the_block_moves_to_huge_pages():
+    with collapsed() as pages:
+        weights = np.ones(48 << 20, dtype=np.uint8)  # 48 MB, touched: as a load leaves it
+    assert pages.bytes >= 32 << 20
+    assert _huge_kb_in(weights) >= 32 << 10
+    assert weights.sum() == weights.size  # the same bytes, now on other pages
+
+
+def test_turned_off_or_without_proc_nothing_moves(monkeypatch, tmp_path):
+    monkeypatch.setenv(huge_pages.ENV, "0")
+    with collapsed() as pages:
+        weights = np.ones(8 << 20, dtype=np.uint8)
+    assert pages.bytes == 0 and weights.sum() == weights.size
+
+    monkeypatch.delenv(huge_pages.ENV)
+    monkeypatch.setattr(huge_pages, "MAPS", str(tmp_path / "no-such-maps"))
+    with collapsed() as pages:
+        np.ones(8 << 20, dtype=np.uint8)
+    assert pages.bytes == 0
+
+
+def test_a_kernel_that_refuses_leaves_the_memory_as_it_was(monkeypatch):
+    monkeypatch.setattr(huge_pages, "_madvise", lambda: lambda start, size, advice: -1)
+    with collapsed() as pages:
+        weights = np.full(8 << 20, 7, dtype=np.uint8)
+    assert pages.bytes == 0 and int(weights.max()) == 7
