@@ -34,13 +34,33 @@ class Collapsed:
 
 @contextmanager
 def collapsed() -> Iterator[Collapsed]:
-    """Collapse into huge pages the anonymous memory (the heap included) that is new or
-    has grown while the block ran; the result says how many bytes moved."""
+    """Collapse into huge pages the anonymous memory (the heap included) mapped while
+    the block ran, and only that: the rest of the process's memory is left as it was.
+    The result says how many bytes moved."""
     result = Collapsed()
     before = _anonymous_regions() if _wanted() else None
     yield result
     if before is not None:
-        result.bytes = sum(_collapse(start, end) for start, end in _anonymous_regions() - before)
+        new = _without(_anonymous_regions(), before)
+        result.bytes = sum(_collapse(start, end) for start, end in new)
+
+
+def _without(regions: set[tuple[int, int]], old: set[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The address ranges of `regions` that no region of `old` covered (a heap that
+    grew: its new end)."""
+    pieces = []
+    for start, end in sorted(regions):
+        for old_start, old_end in sorted(old):
+            if old_end <= start or end <= old_start:
+                continue
+            if start < old_start:
+                pieces.append((start, old_start))
+            start = max(start, old_end)
+            if start >= end:
+                break
+        if start < end:
+            pieces.append((start, end))
+    return pieces
 
 
 def _wanted() -> bool:
