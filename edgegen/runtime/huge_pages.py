@@ -1,9 +1,9 @@
 """Back a loaded model's weights with 2 MB pages (Linux transparent huge pages).
 
-A decode step streams every weight through the CPU once. On 4 KB pages that is one
-TLB miss per 4 KB read (37,000 a token for SmolLM2-135M in int8), each a page walk
-whose tables the stream itself keeps evicting; on 2 MB pages, 512 times fewer. glibc
-and the kernel hand out 4 KB pages unless asked (THP "madvise", the usual default),
+A decode step streams every weight through the CPU once. On 4 KB pages that is a TLB
+miss per 4 KB read (37,000 a token for SmolLM2-135M in int8); on 2 MB pages, 512
+times fewer, and SmolLM2's decode took 10-15% less time (benchmarks/huge_pages.py).
+glibc and the kernel hand out 4 KB pages unless asked (THP "madvise", the usual default),
 so after a backend has loaded its weights, `collapsed()` asks the kernel to collapse
 the memory the load took (MADV_COLLAPSE, Linux 6.1+) into huge pages.
 
