@@ -69,6 +69,14 @@ class ParityError(ExportError):
     """An exported artifact disagrees with eager PyTorch beyond its tolerance."""
 
 
+class QualityGateError(ParityError):
+    """A quantized artifact fails its quality gate; `figures` are what it measured."""
+
+    def __init__(self, message: str, figures: dict[str, float]) -> None:
+        super().__init__(message)
+        self.figures = figures
+
+
 class BackendError(EdgegenError):
     """A backend or device is not available here."""
 

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 import edgegen.runtime
 from edgegen.cli import main
-from edgegen.errors import BackendError, BundleError, ExportError, ParityError
+from edgegen.errors import BackendError, BundleError, ExportError, ParityError, QualityGateError
 from edgegen.export import FORMATS, QuantizeOptions, export_bundle, quantize_bundle
 from edgegen.export.quantize import SUPPORTED
 from edgegen.runtime.decoder import Decoder
@@ -313,6 +313,24 @@ def test_fp16_on_cuda(trained_bundles, tmp_path):
     )
 
 
+def test_an_int4_fit_that_breaks_the_graph_is_not_taken_for_a_weak_fit(
+    trained_bundles, tmp_path, monkeypatch
+):
+    """Only a failed quality gate moves on to the next fit; an artifact that cannot run
+    the grid stops the export with its own reason."""
+    from edgegen.export import writer
+
+    def broken(spec, run, name, precision, gate, windows):
+        raise ParityError(f"{name}: batch 2, seq 3: wrong shape or non-finite output")
+
+    monkeypatch.setattr(writer, "gate_quantized", broken)
+    ckpt, _ = trained_bundles["gpt"]
+    options = QuantizeOptions(precisions=("int4",))
+    with pytest.raises(ParityError, match=r"^model\.int4\.onnx: batch 2, seq 3: wrong shape"):
+        export_bundle(ckpt, tmp_path / "b", formats=["onnx"], quantize=options)
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize(
     "failures,used",
     [(0, "symmetric"), (1, "asymmetric"), (2, "HQQ-fitted asymmetric")],
@@ -330,7 +348,8 @@ def test_transformer_int4_tries_the_fits_fastest_first(
     def rounding_fails(spec, run, name, precision, gate, windows):
         calls.append(name)
         if len(calls) <= failures:
-            raise ParityError(f"{name} fails: KL {len(calls)}.00e+00, top-1 50.00%; lower")
+            figures = {"kl": float(len(calls)), "top1": 0.5, "ppl_change": 0.2}
+            raise QualityGateError(f"{name} fails its gate; lower", figures)
         return real(spec, run, name, precision, gate, windows)
 
     monkeypatch.setattr(writer, "gate_quantized", rounding_fails)
@@ -340,8 +359,10 @@ def test_transformer_int4_tries_the_fits_fastest_first(
     method = manifest.artifact("onnx", "int4").quantization["method"]
     assert calls == ["model.int4.onnx"] * (failures + 1)
     assert method.startswith(f"MatMulNBits int4 ({used} blocks")
-    failed = ["symmetric round-to-nearest failed the gate: KL 1.00e+00",
-              "asymmetric round-to-nearest failed the gate: KL 2.00e+00"][:failures]  # fmt: skip
+    failed = [
+        "symmetric round-to-nearest failed the gate: KL 1.00e+00, top-1 50.00%, ppl +20.00%",
+        "asymmetric round-to-nearest failed the gate: KL 2.00e+00",
+    ][:failures]
     assert all(f in method for f in failed) and method.count("failed the gate") == failures
     graph = onnx.load(str(tmp_path / "b" / "model.int4.onnx")).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]

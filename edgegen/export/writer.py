@@ -19,7 +19,7 @@ import torch
 import edgegen
 from edgegen.checkpoint import load_checkpoint
 from edgegen.config import GPTConfig, config_to_dict
-from edgegen.errors import BundleError, ExportError, ParityError
+from edgegen.errors import BundleError, ExportError, ParityError, QualityGateError
 from edgegen.export.onnx import DEFAULT_OPSET, check_opset, export_onnx
 from edgegen.export.parity import (
     QUALITY_GATES,
@@ -289,9 +289,10 @@ def _quantize_and_gate(fmt, precision, tmp, path, model, spec, options, windows)
         try:
             coverage, report = attempt(fit)
             break
-        except ParityError as e:
-            figures = str(e).partition(": KL")[2].partition(";")[0]
-            failed.append(f"{FIT_NAMES[fit]} round-to-nearest failed the gate: KL{figures}")
+        except QualityGateError as e:
+            failed.append(
+                f"{FIT_NAMES[fit]} round-to-nearest failed the gate: {_measured(e.figures)}"
+            )
     else:
         try:
             coverage, report = attempt(fits[-1])
@@ -333,13 +334,17 @@ def gate_quantized(spec, run, name: str, precision: str, gate, windows) -> dict[
             raise ParityError(f"{name}: {check['case']}: wrong shape or non-finite output")
     figures = quality_figures(spec, run, windows)
     if not passes_gate(figures, gate):
-        raise ParityError(
+        raise QualityGateError(
             f"{name} fails its {precision} quality gate ({describe_gate(gate)}): "
-            f"KL {figures['kl']:.2e}, top-1 {figures['top1']:.2%}, "
-            f"ppl {figures['ppl_change']:+.2%}; lower the gate explicitly (--gate) to accept it"
+            f"{_measured(figures)}; lower the gate explicitly (--gate) to accept it",
+            figures,
         )
     finite = {k: v for k, v in gate.items() if math.isfinite(v)}
     return {"precision": precision, "gate": finite, "quality": figures, "passed": True}
+
+
+def _measured(figures: dict[str, float]) -> str:
+    return f"KL {figures['kl']:.2e}, top-1 {figures['top1']:.2%}, ppl {figures['ppl_change']:+.2%}"
 
 
 def _require_cuda_provider() -> None:

@@ -8,17 +8,20 @@ so after a backend has loaded its weights, `collapsed()` asks the kernel to coll
 the memory the load took (MADV_COLLAPSE, Linux 6.1+) into huge pages.
 
 Best effort: where the kernel refuses, or there is no /proc (not Linux), nothing
-changes but the speed. EDGEGEN_HUGE_PAGES=0 turns it off (a device short of memory:
-a collapse can fill a 2 MB page around a few touched 4 KB ones).
+changes but the speed; nor does it for weights that land in memory the process had
+freed before (a long-lived process that dropped an earlier model), which is not new.
+EDGEGEN_HUGE_PAGES=0 turns it off (a device short of memory: a collapse can fill a
+2 MB page around a few touched 4 KB ones).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAPS = "/proc/self/maps"
 ENV = "EDGEGEN_HUGE_PAGES"
@@ -30,6 +33,7 @@ MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
 @dataclass
 class Collapsed:
     bytes: int = 0  # how much the kernel moved to huge pages
+    refused: set[str] = field(default_factory=set)  # why it did not move the rest (errno)
 
 
 @contextmanager
@@ -41,8 +45,8 @@ def collapsed() -> Iterator[Collapsed]:
     before = _anonymous_regions() if _wanted() else None
     yield result
     if before is not None:
-        new = _without(_anonymous_regions(), before)
-        result.bytes = sum(_collapse(start, end) for start, end in new)
+        for start, end in _without(_anonymous_regions(), before):
+            _collapse(start, end, result)
 
 
 def _without(regions: set[tuple[int, int]], old: set[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -83,20 +87,18 @@ def _anonymous_regions() -> set[tuple[int, int]]:
     return regions
 
 
-def _collapse(start: int, end: int) -> int:
+def _collapse(start: int, end: int, result: Collapsed) -> None:
     start, end = -(-start // HUGE) * HUGE, end // HUGE * HUGE  # whole huge pages inside
-    if end <= start:
-        return 0
     madvise = _madvise()
-    if madvise is None:
-        return 0
+    if end <= start or madvise is None:
+        return
     madvise(start, end - start, MADV_HUGEPAGE)  # and keep them huge
-    moved = 0
     for piece in range(start, end, CHUNK):
         size = min(CHUNK, end - piece)
         if madvise(piece, size, MADV_COLLAPSE) == 0:
-            moved += size
-    return moved
+            result.bytes += size
+        else:
+            result.refused.add(errno.errorcode.get(ctypes.get_errno(), "?"))
 
 
 def _madvise():
