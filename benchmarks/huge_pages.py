@@ -36,7 +36,7 @@ def decode_ms(bundle: str, precision: str, huge: bool) -> tuple[float, int]:
     env = {**os.environ, "EDGEGEN_HUGE_PAGES": "1" if huge else "0"}
     command = [sys.executable, "-c", ONE, bundle, precision]
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
-    ms, moved = out.split()
+    ms, moved = out.splitlines()[-1].split()  # the script's own line, printed last
     return float(ms), int(moved)
 
 

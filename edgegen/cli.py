@@ -37,12 +37,15 @@ class EdgegenGroup(click.Group):
         return ctx
 
     def main(self, *args, **kwargs):
+        """A rank of a distributed run (`train` under torchrun or --nproc) ends here,
+        once its error (if any) has been said, without the interpreter's teardown
+        (launch.end_rank); any other command ends as click ends it."""
         from edgegen.launch import end_rank, is_rank
 
         try:
             return super().main(*args, **kwargs)
         except SystemExit as e:
-            if is_rank():  # its one line (if any) is printed
+            if is_rank():
                 end_rank(e.code)
             raise
 

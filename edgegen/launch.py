@@ -7,6 +7,7 @@ process stays small; the ranks themselves are `python -m edgegen ...` (distribut
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import faulthandler
 import os
 import signal
@@ -24,18 +25,20 @@ def launched_size() -> int | None:
     return int(size) if size and "RANK" in os.environ else None
 
 
-_ranks = []  # this process, once it is one rank of a run
+_rank_pid: int | None = None  # this process's id, once it is one rank of a run
 
 
 def as_rank() -> None:
     """Set up this process as one rank of a run, ended by `end_rank`. A rank ended by a
     fatal signal prints where each of its threads was: it cannot say why in a line."""
+    global _rank_pid
     faulthandler.enable()
-    _ranks.append(os.getpid())
+    _rank_pid = os.getpid()
 
 
 def is_rank() -> bool:
-    return os.getpid() in _ranks
+    """Whether this process (not a child forked from it) is a rank of a run."""
+    return _rank_pid == os.getpid()
 
 
 def end_rank(code: int | str | None) -> NoReturn:
@@ -46,16 +49,16 @@ def end_rank(code: int | str | None) -> NoReturn:
     destructors at teardown aborted a finished rank now and then ("terminate called
     without an active exception", exit 134) on a loaded machine. Nothing of the run is
     left to lose by then: files are closed, and stdout and stderr are flushed here."""
-    for stream in (sys.stdout, sys.stderr):
-        # a closed pipe: nothing more can reach its reader
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):
-        print(code, file=sys.stderr, flush=True)  # what SystemExit would have printed
+    if code is not None and not isinstance(code, int):
+        with contextlib.suppress(OSError, ValueError):  # as SystemExit would have said it
+            print(code, file=sys.stderr)
         code = 1
-    os._exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe has no reader left
+            stream.flush()
+    with contextlib.suppress(OSError, AttributeError):  # what C code buffered (torch's)
+        ctypes.CDLL(None).fflush(None)
+    os._exit(code or 0)
 
 
 def check_world(nproc: int, batch_size: int) -> None:

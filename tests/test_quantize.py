@@ -320,7 +320,10 @@ def test_an_int4_fit_that_breaks_the_graph_is_not_taken_for_a_weak_fit(
     the grid stops the export with its own reason."""
     from edgegen.export import writer
 
+    calls = []
+
     def broken(spec, run, name, precision, gate, windows):
+        calls.append(name)
         raise ParityError(f"{name}: batch 2, seq 3: wrong shape or non-finite output")
 
     monkeypatch.setattr(writer, "gate_quantized", broken)
@@ -328,6 +331,7 @@ def test_an_int4_fit_that_breaks_the_graph_is_not_taken_for_a_weak_fit(
     options = QuantizeOptions(precisions=("int4",))
     with pytest.raises(ParityError, match=r"^model\.int4\.onnx: batch 2, seq 3: wrong shape"):
         export_bundle(ckpt, tmp_path / "b", formats=["onnx"], quantize=options)
+    assert calls == ["model.int4.onnx"]  # no other fit was tried
     assert not (tmp_path / "b").exists()
 
 

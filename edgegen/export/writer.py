@@ -296,8 +296,8 @@ def _quantize_and_gate(fmt, precision, tmp, path, model, spec, options, windows)
     else:
         try:
             coverage, report = attempt(fits[-1])
-        except ParityError as e:
-            raise ParityError("; ".join([str(e).rstrip("."), *failed])) from None
+        except QualityGateError as e:
+            raise QualityGateError("; ".join([str(e).rstrip("."), *failed]), e.figures) from None
     if failed:
         coverage["method"] += f" ({'; '.join(failed)})"
     return coverage, report

@@ -55,12 +55,13 @@ class OnnxRunner:
             options.inter_op_num_threads = 1
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(key, value)
-        try:
-            with collapsed() as pages:  # the weights, as ORT laid them out, on huge pages
+        with collapsed() as pages:  # the weights, as ORT laid them out, on huge pages
+            try:
                 self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise BackendError(f"ONNX Runtime cannot load {path.name}: {first_line(e)}") from None
-        self.huge_page_bytes = pages.bytes
+            except Exception as e:  # onnxruntime raises its own exception types
+                message = f"ONNX Runtime cannot load {path.name}: {first_line(e)}"
+                raise BackendError(message) from None
+        self.huge_page_bytes = pages.moved
         self.input_names = input_names
         self.in_place = dict(in_place or {})
         self._ort, self._local = ort, threading.local()  # a binding per thread
@@ -145,7 +146,7 @@ class TorchScriptRunner:
             torch.set_num_threads(threads)
         with collapsed() as pages:
             self.module = _load_torchscript(torch, path, device)
-        self.huge_page_bytes = pages.bytes
+        self.huge_page_bytes = pages.moved
         self.torch, self.device, self.input_names = torch, torch.device(device), input_names
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,21 +27,20 @@ from dataclasses import dataclass, field
 MAPS = "/proc/self/maps"
 ENV = "EDGEGEN_HUGE_PAGES"
 HUGE = 2 << 20
-CHUNK = 32 * HUGE  # collapsed a piece at a time: a refused piece leaves the rest
-MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
+MADV_COLLAPSE = 25
 
 
 @dataclass
 class Collapsed:
-    bytes: int = 0  # how much the kernel moved to huge pages
-    refused: set[str] = field(default_factory=set)  # why it did not move the rest (errno)
+    moved: int = 0  # bytes the kernel moved to huge pages
+    refused: set[str] = field(default_factory=set)  # why it kept the rest (errno names)
 
 
 @contextmanager
 def collapsed() -> Iterator[Collapsed]:
-    """Collapse into huge pages the anonymous memory (the heap included) mapped while
-    the block ran, and only that: the rest of the process's memory is left as it was.
-    The result says how many bytes moved."""
+    """Collapse into huge pages the anonymous memory (the heap included) that any
+    thread mapped while the block ran; what the process held before is left as it
+    was. The result says how many bytes moved."""
     result = Collapsed()
     before = _anonymous_regions() if _wanted() else None
     yield result
@@ -51,17 +51,18 @@ def collapsed() -> Iterator[Collapsed]:
 
 def _without(regions: set[tuple[int, int]], old: set[tuple[int, int]]) -> list[tuple[int, int]]:
     """The address ranges of `regions` that no region of `old` covered (a heap that
-    grew: its new end)."""
-    pieces = []
+    grew: its new end). Mappings never overlap, so one sweep over both, sorted."""
+    old_sorted, at, pieces = sorted(old), 0, []
     for start, end in sorted(regions):
-        for old_start, old_end in sorted(old):
-            if old_end <= start or end <= old_start:
-                continue
+        while at < len(old_sorted) and old_sorted[at][1] <= start:
+            at += 1  # old regions wholly below this one
+        covering = at
+        while covering < len(old_sorted) and old_sorted[covering][0] < end:
+            old_start, old_end = old_sorted[covering]
             if start < old_start:
                 pieces.append((start, old_start))
             start = max(start, old_end)
-            if start >= end:
-                break
+            covering += 1
         if start < end:
             pieces.append((start, end))
     return pieces
@@ -88,23 +89,22 @@ def _anonymous_regions() -> set[tuple[int, int]]:
 
 
 def _collapse(start: int, end: int, result: Collapsed) -> None:
-    start, end = -(-start // HUGE) * HUGE, end // HUGE * HUGE  # whole huge pages inside
+    """Each whole huge page inside [start, end), one at a time: a page the kernel
+    refuses leaves the others, and the count stays exact."""
     madvise = _madvise()
-    if end <= start or madvise is None:
+    if madvise is None:
         return
-    madvise(start, end - start, MADV_HUGEPAGE)  # and keep them huge
-    for piece in range(start, end, CHUNK):
-        size = min(CHUNK, end - piece)
-        if madvise(piece, size, MADV_COLLAPSE) == 0:
-            result.bytes += size
+    for page in range(-(-start // HUGE) * HUGE, end // HUGE * HUGE, HUGE):
+        if madvise(page, HUGE, MADV_COLLAPSE) == 0:
+            result.moved += HUGE
         else:
             result.refused.add(errno.errorcode.get(ctypes.get_errno(), "?"))
 
 
+@functools.cache
 def _madvise():
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
         return None
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
