@@ -1,5 +1,7 @@
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -271,6 +273,37 @@ def test_quantize_errors(trained_bundles, tmp_path):
         with pytest.raises(BackendError, match="device='cuda'"):
             edgegen.runtime.load(bundle, precision="fp16")
     assert not (tmp_path / "b").exists()
+
+
+QUANTIZE_ONE_MATMUL = """
+import sys
+from pathlib import Path
+import numpy as np, onnx
+from onnx import helper, numpy_helper, TensorProto
+from edgegen.export.quantize import quantize_onnx
+weight = numpy_helper.from_array(np.ones((64, 32), np.float32), "w")
+graph = helper.make_graph(
+    [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], [weight])
+onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), sys.argv[1])
+quantize_onnx(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantizing_says_nothing_in_a_fresh_process(tmp_path, precision):
+    """ONNX Runtime's quantizer logs each node at INFO and, imported for the first time,
+    turns the root logger up to INFO: none of it reaches the console."""
+    paths = [str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx")]
+    done = subprocess.run(
+        [sys.executable, "-c", QUANTIZE_ONE_MATMUL, *paths, precision],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == ""
 
 
 def test_cli_quantize(trained_bundles, tmp_path):

@@ -58,7 +58,8 @@ def quantize_onnx(
     """Write the `precision` version of the fp32 ONNX `src` to `dst`; return its coverage.
     `fit`: how a transformer's int4 blocks are fitted, one of INT4_FITS (see _onnx_nbits)."""
     model = fold_constant_transposes(onnx.load(str(src)))
-    with tempfile.TemporaryDirectory() as tmp, quiet(""):  # ORT logs every node
+    # ORT's quantizer logs every node, and importing it sets the root logger to INFO
+    with tempfile.TemporaryDirectory() as tmp, quiet("", "onnxruntime.quantization"):
         prepared = Path(tmp) / "prepared.onnx"
         onnx.save(model, str(prepared))
         if precision == "int8" and not _is_rnn(model):  # why: _onnx_dynamic_int8
