@@ -3,6 +3,7 @@ the kernel can, and nothing changes (but the speed) where it cannot."""
 
 import mmap
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,31 @@ def test_memory_mapped_in_the_block_moves_to_huge_pages():
     assert 32 << 20 <= pages.moved <= 48 << 20, pages.refused
     assert _huge_kb_in(weights) >= 32 << 10
     assert weights.sum() == weights.size  # the same bytes, now on other pages
+
+
+def test_in_the_background_the_block_does_not_wait(monkeypatch):
+    """A backend's load returns before the collapse ends; `done` says when it has."""
+    started, release = threading.Event(), threading.Event()
+
+    def slow(start, end, result):
+        started.set()
+        release.wait(30)
+        result.moved += end - start
+
+    monkeypatch.setattr(huge_pages, "_collapse", slow)
+    with collapsed(background=True) as pages:
+        weights = _fresh(8 << 20, 1)
+    assert started.wait(30) and not pages.done.is_set()
+    release.set()
+    assert pages.done.wait(30) and pages.moved >= 6 << 20 and weights.sum() == weights.size
+
+
+def test_a_loaded_backend_says_how_much_moved(trained_bundles):
+    from edgegen.runtime.backends import OnnxRunner
+
+    _, bundle = trained_bundles["gpt"]
+    runner = OnnxRunner(bundle / "model.onnx", ["input_ids"])
+    assert runner.huge_pages.done.wait(60)
 
 
 def test_a_grown_mapping_has_only_its_new_end_collapsed(monkeypatch):

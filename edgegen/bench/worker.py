@@ -78,6 +78,9 @@ def measure(row: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     generator = load_generator(row)
     load_s = time.perf_counter() - start
+    pages = getattr(generator.runner, "huge_pages", None)
+    if pages is not None:  # steady figures: the weights on the pages they run from
+        pages.done.wait()
     timed = generator.runner = TimedRunner(generator.runner)
     prompts = bench_prompts(generator.tokenizer, row["batch"], row["prompt_len"])
     params = dict(temperature=0, max_new_tokens=row["new_tokens"], ignore_eos=True)
@@ -106,7 +109,7 @@ def measure(row: dict[str, Any]) -> dict[str, Any]:
     ]
     return {
         "load_s": load_s,
-        "huge_page_bytes": getattr(timed.runner, "huge_page_bytes", 0),
+        "huge_page_bytes": pages.moved if pages is not None else 0,
         "runs": runs,
         "tokens": [r.token_ids for r in results],
         "long_decode_s": [float(t) for t in np.median(np.array(long), axis=0)],

@@ -5,7 +5,8 @@ ONNX Runtime needs only numpy. TorchScript imports torch lazily, only when chose
 `in_place` maps state inputs to the outputs that return them updated (a GPT's KV
 buffers): ONNX Runtime binds each such output to its input's memory, so the step
 writes the new slots into the caller's buffer and hands that same array back.
-Both backends move the weights they load onto huge pages (huge_pages.py).
+Both backends move the weights they load onto huge pages (huge_pages.py), in the
+background: `huge_pages.done` is set when that is over.
 """
 
 from __future__ import annotations
@@ -55,13 +56,13 @@ class OnnxRunner:
             options.inter_op_num_threads = 1
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(key, value)
-        with collapsed() as pages:  # the weights, as ORT laid them out, on huge pages
+        # the weights, as ORT laid them out, onto huge pages while the first steps run
+        with collapsed(background=True) as self.huge_pages:
             try:
                 self.session = ort.InferenceSession(str(path), options, providers=providers)
             except Exception as e:  # onnxruntime raises its own exception types
                 message = f"ONNX Runtime cannot load {path.name}: {first_line(e)}"
                 raise BackendError(message) from None
-        self.huge_page_bytes = pages.moved
         self.input_names = input_names
         self.in_place = dict(in_place or {})
         self._ort, self._local = ort, threading.local()  # a binding per thread
@@ -144,9 +145,8 @@ class TorchScriptRunner:
             raise BackendError("device cuda was asked for, but torch sees no CUDA GPU")
         if threads:
             torch.set_num_threads(threads)
-        with collapsed() as pages:
+        with collapsed(background=True) as self.huge_pages:
             self.module = _load_torchscript(torch, path, device)
-        self.huge_page_bytes = pages.moved
         self.torch, self.device, self.input_names = torch, torch.device(device), input_names
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -5,7 +5,8 @@ miss per 4 KB read (37,000 a token for SmolLM2-135M in int8); on 2 MB pages, 512
 times fewer, and SmolLM2's decode took 10-15% less time (benchmarks/huge_pages.py).
 glibc and the kernel hand out 4 KB pages unless asked (THP "madvise", the usual default),
 so after a backend has loaded its weights, `collapsed()` asks the kernel to collapse
-the memory the load took (MADV_COLLAPSE, Linux 6.1+) into huge pages.
+the memory the load took (MADV_COLLAPSE, Linux 6.1+) into huge pages: for a backend,
+in a thread at the lowest priority, which uses the cores the model leaves idle.
 
 Best effort: where the kernel refuses, or there is no /proc (not Linux), nothing
 changes but the speed; nor does it for weights that land in memory the process had
@@ -16,10 +17,12 @@ EDGEGEN_HUGE_PAGES=0 turns it off (a device short of memory: a collapse can fill
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,19 +37,42 @@ MADV_COLLAPSE = 25
 class Collapsed:
     moved: int = 0  # bytes the kernel moved to huge pages
     refused: set[str] = field(default_factory=set)  # why it kept the rest (errno names)
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 @contextmanager
-def collapsed() -> Iterator[Collapsed]:
+def collapsed(background: bool = False) -> Iterator[Collapsed]:
     """Collapse into huge pages the anonymous memory (the heap included) that any
     thread mapped while the block ran; what the process held before is left as it
-    was. The result says how many bytes moved."""
+    was. The result says how many bytes moved, and is `done` when all have.
+
+    `background`: a thread does it after the block, so the first token does not wait
+    for it (about 1 s per GB here; ctypes lets go of the GIL). The kernel swaps each
+    2 MB page in whole while the model reads the others, as khugepaged does."""
     result = Collapsed()
     before = _anonymous_regions() if _wanted() else None
     yield result
-    if before is not None:
-        for start, end in _without(_anonymous_regions(), before):
+    if before is None:
+        result.done.set()
+        return
+    new = _without(_anonymous_regions(), before)
+    if background:
+        threading.Thread(target=_collapse_all, args=(new, result, True), daemon=True).start()
+    else:
+        _collapse_all(new, result)
+
+
+def _collapse_all(ranges: list[tuple[int, int]], result: Collapsed, lowly: bool = False) -> None:
+    """Collapse `ranges`; `lowly`: at the lowest priority, on the cores the model
+    leaves idle (Linux schedules each thread on its own)."""
+    if lowly:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    try:
+        for start, end in ranges:
             _collapse(start, end, result)
+    finally:
+        result.done.set()
 
 
 def _without(regions: set[tuple[int, int]], old: set[tuple[int, int]]) -> list[tuple[int, int]]:
