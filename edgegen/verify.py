@@ -168,8 +168,9 @@ def verify_bundle(
         if 3 in levels:
             report.checks.append(guarded(3, name, check_greedy, eager, gen, name, prompts, tokens))
     if 4 in levels:
-        checks = quality_checks(manifest, spec, tokenizer, eval_text, quality_gates, runners)
-        report.checks += checks
+        report.checks += quality_checks(
+            manifest, spec, tokenizer, eval_text, quality_gates, runners
+        )
     if 5 in levels:
         everyone = {"eager": eager, **generators}
         report.checks.append(guarded(5, "all", check_sampling, everyone, prompts, tokens))

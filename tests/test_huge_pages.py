@@ -71,7 +71,7 @@ def test_in_the_background_the_block_does_not_wait(monkeypatch):
     assert pages.done.wait(30) and pages.moved >= 6 << 20 and weights.sum() == weights.size
 
 
-def test_a_loaded_backend_says_how_much_moved(trained_bundles):
+def test_a_loaded_backend_finishes_its_collapse(trained_bundles):
     from edgegen.runtime.backends import OnnxRunner
 
     _, bundle = trained_bundles["gpt"]

@@ -178,7 +178,7 @@ def summarize(backend, precision, weight_bytes, figures, bandwidth, options) -> 
         "backend": backend,
         "precision": precision,
         "load_s": figures["load_s"],
-        "huge_page_bytes": figures.get("huge_page_bytes", 0),
+        "huge_page_bytes": figures["huge_page_bytes"],
         "ttft_s": float(np.median(prefill)),
         "decode_s": {
             q: float(np.percentile(decode, p)) for q, p in (("p50", 50), ("p90", 90), ("p99", 99))

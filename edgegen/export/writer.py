@@ -123,7 +123,7 @@ def _export_claimed(model, tokenizer, out, formats, opset, max_seq_len, on_artif
                 )
             )
         for artifact, report in add_quantized(
-            tmp, model, spec, tokenizer, formats, quantize, on_artifact, windows
+            tmp, model, spec, formats, quantize, on_artifact, windows
         ):
             artifacts.append(artifact)
             parity[artifact.path] = report
@@ -177,16 +177,12 @@ class QuantizeOptions:
         return gate_for(precision, self.gates)
 
 
-def add_quantized(
-    tmp: Path, model, spec, tokenizer, formats, options: QuantizeOptions, on_artifact, windows=None
-):
+def add_quantized(tmp: Path, model, spec, formats, options: QuantizeOptions, on_artifact, windows):
     """Yield (artifact, report) for each quantized artifact, made from what is in `tmp`
-    and gated on quality against eager fp32 on `windows` (eval_windows, made here unless
-    given); raise ParityError when one fails."""
+    and gated on quality against eager fp32 on `windows` (eval_windows); raise
+    ParityError when one fails."""
     if not options.precisions:
         return
-    if windows is None:
-        windows = eval_windows(tokenizer, options.eval_text, spec)
     for precision in options.precisions:
         for fmt in formats:
             if (fmt, precision) not in SUPPORTED:
@@ -246,6 +242,8 @@ def _quantize_claimed(bundle: Path, checkpoint, options: QuantizeOptions, on_art
     )
     options.validate(formats)
     spec = step_spec(model)
+    # held-out text the tokenizer cannot measure fails before anything is copied
+    windows = eval_windows(tokenizer, options.eval_text, spec) if options.precisions else None
 
     def fill(tmp: Path) -> None:
         for path in Path(bundle).iterdir():
@@ -254,7 +252,7 @@ def _quantize_claimed(bundle: Path, checkpoint, options: QuantizeOptions, on_art
         data = copy.deepcopy(manifest.data)
         parity = data["parity"]["artifacts"]
         for artifact, report in add_quantized(
-            tmp, model, spec, tokenizer, formats, options, on_artifact
+            tmp, model, spec, formats, options, on_artifact, windows
         ):
             data["artifacts"] = [
                 a

@@ -57,17 +57,20 @@ def collapsed(background: bool = False) -> Iterator[Collapsed]:
         return
     new = _without(_anonymous_regions(), before)
     if background:
-        threading.Thread(target=_collapse_all, args=(new, result, True), daemon=True).start()
+        threading.Thread(target=_collapse_lowly, args=(new, result), daemon=True).start()
     else:
         _collapse_all(new, result)
 
 
-def _collapse_all(ranges: list[tuple[int, int]], result: Collapsed, lowly: bool = False) -> None:
-    """Collapse `ranges`; `lowly`: at the lowest priority, on the cores the model
-    leaves idle (Linux schedules each thread on its own)."""
-    if lowly:
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+def _collapse_lowly(ranges: list[tuple[int, int]], result: Collapsed) -> None:
+    """`_collapse_all` at the lowest priority, on the cores the model leaves idle (Linux
+    schedules each thread on its own)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    _collapse_all(ranges, result)
+
+
+def _collapse_all(ranges: list[tuple[int, int]], result: Collapsed) -> None:
     try:
         for start, end in ranges:
             _collapse(start, end, result)
