@@ -46,6 +46,11 @@ demo: setup
 	$(BIN)/edgegen sample $(RUNS)/gpt-tiny-readme --prompt "edgegen " --seed 0 --max-new-tokens 60
 	$(BIN)/edgegen bench $(RUNS)/gpt-tiny.bundle --checkpoint $(RUNS)/gpt-tiny --precisions fp32,int8,int4 --repeat 3 --long-tokens 64 --quiet
 	$(BIN)/edgegen bench $(RUNS)/gru-tiny.bundle --checkpoint $(RUNS)/gru-tiny --precisions fp32,int8,int4 --repeat 3 --long-tokens 64 --quiet
+	# your own PyTorch module (README's example in examples/wordlm): train it a little, import, export, generate
+	cd $(RUNS) && $(abspath $(BIN))/python $(CURDIR)/examples/wordlm/train.py
+	$(BIN)/edgegen import --module examples/wordlm/model.py:WordLM --state-dict $(RUNS)/wordlm.pt --init-args '[8]' --tokenizer $(RUNS)/words.txt --out $(RUNS)/wordlm --force
+	$(BIN)/edgegen export $(RUNS)/wordlm --out $(RUNS)/wordlm.bundle --force
+	$(BIN)/edgegen generate $(RUNS)/wordlm.bundle --prompt "the dog" --temperature 0
 	# a real pretrained model: import the GGUF, export fp32 + int8 + int4 (parity and quality gated), verify, chat
 	$(BIN)/edgegen import "$(SMOLLM2)" --out $(RUNS)/smollm2 --force
 	$(BIN)/edgegen export $(RUNS)/smollm2 --out $(RUNS)/smollm2.bundle --force --format onnx --quantize int8,int4

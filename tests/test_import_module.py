@@ -5,7 +5,11 @@ recomputing the whole sequence for every token, is the oracle of the bundles' gr
 tokens. Modules that cannot map are refused in one line, through the CLI too."""
 
 import json
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -433,3 +437,37 @@ def test_export_quantizes_a_word_level_model_on_text_in_its_words(exported, tmp_
 
 def _precisions(bundle):
     return {a["precision"] for a in json.loads((bundle / "manifest.json").read_text())["artifacts"]}
+
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "wordlm"
+
+
+def test_the_readme_example_is_the_one_in_examples():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    for name in ("model.py", "train.py"):
+        assert (EXAMPLE / name).read_text() in blocks, name
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs_end_to_end(tmp_path):
+    """examples/wordlm, as the README and `make demo` run it: train, import, export,
+    generate the continuation the README promises."""
+    trained = subprocess.run(
+        [sys.executable, str(EXAMPLE / "train.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert trained.returncode == 0, trained.stderr
+    result = cli(
+        "import", "--module", f"{EXAMPLE / 'model.py'}:WordLM",
+        "--state-dict", tmp_path / "wordlm.pt", "--init-args", "[8]",
+        "--tokenizer", tmp_path / "words.txt", "--out", tmp_path / "wordlm",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = cli("export", tmp_path / "wordlm", "--out", tmp_path / "wordlm.bundle")
+    assert result.exit_code == 0, result.output
+    generator = edgegen.runtime.load(tmp_path / "wordlm.bundle")
+    assert generator.generate("the dog", temperature=0, max_new_tokens=4).text == " sat on the rug"
