@@ -549,14 +549,18 @@ def quantize_options(command):
     """Flags shared by `export --quantize` and `quantize`."""
     options = [
         click.option(
-            "--block-size", type=int, default=32, show_default=True, help="int4 block size."
+            "--block-size",
+            type=int,
+            default=None,
+            help="MatMulNBits block size (weights per scale) for int8 and int4 "
+            "[default: int4 32; a transformer's int8 64, then 32 if 64 fails its gate].",
         ),
         click.option(
             "--accuracy-level",
             type=int,
             default=4,
             show_default=True,
-            help="int4 MatMulNBits compute type (4 = int8 activations).",
+            help="MatMulNBits compute type (4 = int8 activations).",
         ),
         click.option(
             "--gate",

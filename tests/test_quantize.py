@@ -397,8 +397,9 @@ def test_transformer_int4_tries_the_fits_fastest_first(
     assert calls == ["model.int4.onnx"] * (failures + 1)
     assert method.startswith(f"MatMulNBits int4 ({used} blocks")
     failed = [
-        "symmetric round-to-nearest failed the gate: KL 1.00e+00, top-1 50.00%, ppl +20.00%",
-        "asymmetric round-to-nearest failed the gate: KL 2.00e+00",
+        "symmetric round-to-nearest in blocks of 32 failed the gate: KL 1.00e+00, top-1 50.00%, "
+        "ppl +20.00%",
+        "asymmetric round-to-nearest in blocks of 32 failed the gate: KL 2.00e+00",
     ][:failures]
     assert all(f in method for f in failed) and method.count("failed the gate") == failures
     graph = onnx.load(str(tmp_path / "b" / "model.int4.onnx")).graph

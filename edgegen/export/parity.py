@@ -41,6 +41,7 @@ QUALITY_GATES = {
     "int4": {"kl": float("inf"), "top1": 0.0, "ppl_change": 0.08},
 }
 QUALITY_WINDOW, QUALITY_TOKENS = 64, 4096
+CALIBRATION_ROWS = 32  # of QUALITY_WINDOW tokens
 MAX_UNKNOWN = 0.1  # held-out text with more unknown tokens than this measures little
 GRID = list(itertools.product((1, 3), (1, 7), (0, 5)))  # (batch, seq, past)
 PROMPT_LEN, DECODE_STEPS = 7, 5  # the longest prompt of the decode check, and its steps
@@ -195,6 +196,21 @@ def eval_windows(tokenizer, eval_text, spec: StepSpec) -> torch.Tensor:
     if rows < 1:
         raise ExportError(f"evaluation text is too short: it needs at least {window + 1} tokens")
     return torch.from_numpy(stream[: rows * (window + 1)].reshape(rows, window + 1))
+
+
+def calibration_windows(tokenizer, spec: StepSpec) -> torch.Tensor | None:
+    """CALIBRATION_ROWS windows of the embedded corpus's training split, which the
+    quality gates never read, to measure activations on; None when the tokenizer cannot
+    encode that text (a word vocabulary of other text)."""
+    try:
+        stream = _encoded(tokenizer, load_corpus(None).train, None)
+    except ExportError:
+        return None
+    window = min(QUALITY_WINDOW, spec.layout.get("max_seq_len") or QUALITY_WINDOW)
+    rows = min(len(stream) // window, CALIBRATION_ROWS)
+    if rows < 1:
+        return None
+    return torch.from_numpy(stream[: rows * window].reshape(rows, window))
 
 
 def _encoded(tokenizer, docs: list[str], eval_text) -> np.ndarray:

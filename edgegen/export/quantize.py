@@ -1,10 +1,12 @@
 """Quantized artifacts from the fp32 ones, and what each quantization covered.
 
-    onnx int8         GPT: MatMulNBits 8-bit (block-wise) for every MatMul, the head
-                      included; embedding int8 per row. RNN: ONNX Runtime dynamic quantization
-                      (MatMul -> MatMulInteger, per-channel int8 weights); the embedding
-                      and the weights of native RNN/GRU/LSTM ops (which ORT's quantizer
-                      skips) stored int8 with per-row scales behind a DequantizeLinear
+    onnx int8         GPT: MatMulNBits 8-bit (blocks of 64 or 32) for every MatMul, the
+                      head included, after activation smoothing when calibration text
+                      is given (smoothing.py); embedding int8 per row. RNN: ONNX Runtime
+                      dynamic quantization (MatMul -> MatMulInteger, per-channel int8
+                      weights); the embedding and the weights of native RNN/GRU/LSTM
+                      ops (which ORT's quantizer skips) stored int8 with per-row
+                      scales behind a DequantizeLinear
     onnx int4         MatMulNBits (block-wise int4, block 32 by default; HQQ-fitted
                       asymmetric blocks for transformers) for every MatMul but the
                       output head; RNN weights int4 in blocks behind a DequantizeLinear
@@ -29,6 +31,7 @@ import onnx
 from onnx import helper, numpy_helper, version_converter
 
 from edgegen.errors import ExportError
+from edgegen.export.smoothing import smooth
 from edgegen.quiet import quiet
 
 QUANTIZED_PRECISIONS = ("int8", "int4", "fp16")
@@ -41,6 +44,7 @@ FILENAMES = {
 }
 RNN_OPS = ("RNN", "GRU", "LSTM")
 DEFAULT_BLOCK_SIZE = 32
+INT8_BLOCKS = (64, 32)  # a transformer's ONNX int8 tries these in turn (writer._attempts)
 DEFAULT_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations (fastest on CPU)
 # how transformer int4 blocks are fitted (_onnx_nbits), fastest to run first
 FIT_NAMES = {"rtn": "symmetric", "asym": "asymmetric", "hqq": "HQQ-fitted asymmetric"}
@@ -51,13 +55,21 @@ def quantize_onnx(
     src: Path,
     dst: Path,
     precision: str,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     fit: str = "rtn",
+    calibration: list[dict[str, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Write the `precision` version of the fp32 ONNX `src` to `dst`; return its coverage.
-    `fit`: how a transformer's int4 blocks are fitted, one of INT4_FITS (see _onnx_nbits)."""
+    `fit`: how a transformer's int4 blocks are fitted, one of INT4_FITS (see _onnx_nbits).
+    `calibration`: step feeds on which a transformer's int8 activations are measured and
+    smoothed into its weights (smoothing.py); None leaves them as they are."""
+    block_size = block_size or DEFAULT_BLOCK_SIZE
     model = fold_constant_transposes(onnx.load(str(src)))
+    smoothed = 0
+    if precision == "int8" and calibration and not _is_rnn(model):
+        head = output_head(model)
+        smoothed = smooth(model, calibration, skip={head.name} if head is not None else set())
     # ORT's quantizer logs every node, and importing it sets the root logger to INFO
     with tempfile.TemporaryDirectory() as tmp, quiet("", "onnxruntime.quantization"):
         prepared = Path(tmp) / "prepared.onnx"
@@ -73,6 +85,8 @@ def quantize_onnx(
         else:
             choices = ", ".join(QUANTIZED_PRECISIONS)
             raise ExportError(f"ONNX has no {precision} quantization; choose from {choices}")
+    if smoothed:
+        method += f"; activations smoothed into the weights at {smoothed} norms and gated products"
     quantized = onnx.load(str(dst))
     coverage = {"method": method, **onnx_coverage(quantized)}
     if _folds_at_load(quantized):

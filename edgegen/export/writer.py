@@ -24,6 +24,7 @@ from edgegen.export.onnx import DEFAULT_OPSET, check_opset, export_onnx
 from edgegen.export.parity import (
     QUALITY_GATES,
     artifact_runner,
+    calibration_windows,
     check_parity,
     describe_gate,
     eval_windows,
@@ -37,6 +38,7 @@ from edgegen.export.quantize import (
     DEFAULT_BLOCK_SIZE,
     FIT_NAMES,
     INT4_FITS,
+    INT8_BLOCKS,
     QUANTIZED_PRECISIONS,
     SUPPORTED,
     quantize_onnx,
@@ -101,7 +103,7 @@ def _export_claimed(model, tokenizer, out, formats, opset, max_seq_len, on_artif
     context = _context_length(model.config, max_seq_len)
     spec = step_spec(model)
     # held-out text the tokenizer cannot measure fails before exporting
-    windows = eval_windows(tokenizer, quantize.eval_text, spec) if quantize.precisions else None
+    text = held_out(tokenizer, quantize.eval_text, spec) if quantize.precisions else None
 
     def fill(tmp: Path) -> None:
         tokenizer_section = _write_tokenizer(tokenizer, tmp)
@@ -123,7 +125,7 @@ def _export_claimed(model, tokenizer, out, formats, opset, max_seq_len, on_artif
                 )
             )
         for artifact, report in add_quantized(
-            tmp, model, spec, formats, quantize, on_artifact, windows
+            tmp, model, spec, formats, quantize, on_artifact, text
         ):
             artifacts.append(artifact)
             parity[artifact.path] = report
@@ -155,8 +157,8 @@ def _write_tokenizer(tokenizer, tmp: Path) -> dict[str, Any]:
 @dataclass
 class QuantizeOptions:
     precisions: tuple[str, ...] = ()  # any of int8, int4, fp16
-    block_size: int = DEFAULT_BLOCK_SIZE  # int4 block
-    accuracy_level: int = DEFAULT_ACCURACY_LEVEL  # int4 MatMulNBits compute type
+    block_size: int | None = None  # MatMulNBits block; None: INT8_BLOCKS in turn, int4 32
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL  # MatMulNBits compute type
     gates: dict[str, dict[str, float]] = field(default_factory=dict)  # over QUALITY_GATES
     eval_text: str | None = None  # held-out text; None = the embedded corpus's validation split
 
@@ -177,10 +179,30 @@ class QuantizeOptions:
         return gate_for(precision, self.gates)
 
 
-def add_quantized(tmp: Path, model, spec, formats, options: QuantizeOptions, on_artifact, windows):
+@dataclass
+class HeldOut:
+    """Text the exporter measures the model on: the quality gates' windows and the
+    calibration rows' step feeds (None when the tokenizer cannot encode the corpus)."""
+
+    windows: torch.Tensor
+    calibration: list[dict[str, Any]] | None
+
+
+def held_out(tokenizer, eval_text, spec) -> HeldOut:
+    windows = eval_windows(tokenizer, eval_text, spec)
+    rows = calibration_windows(tokenizer, spec)
+    feeds = None
+    if rows is not None:
+        feeds = [
+            {k: v.numpy() for k, v in spec.prefill_feeds(chunk).items()} for chunk in rows.split(4)
+        ]
+    return HeldOut(windows, feeds)
+
+
+def add_quantized(tmp: Path, model, spec, formats, options: QuantizeOptions, on_artifact, text):
     """Yield (artifact, report) for each quantized artifact, made from what is in `tmp`
-    and gated on quality against eager fp32 on `windows` (eval_windows); raise
-    ParityError when one fails."""
+    and gated on quality against eager fp32 on `text` (HeldOut); raise ParityError when
+    one fails."""
     if not options.precisions:
         return
     for precision in options.precisions:
@@ -191,7 +213,7 @@ def add_quantized(tmp: Path, model, spec, formats, options: QuantizeOptions, on_
                 on_artifact(f"{fmt} {precision}")
             path = tmp / QUANTIZED_FILENAMES[(fmt, precision)]
             coverage, report = _quantize_and_gate(
-                fmt, precision, tmp, path, model, spec, options, windows
+                fmt, precision, tmp, path, model, spec, options, text
             )
             session_config = coverage.pop("session_config", None)
             artifact = Artifact(
@@ -243,7 +265,7 @@ def _quantize_claimed(bundle: Path, checkpoint, options: QuantizeOptions, on_art
     options.validate(formats)
     spec = step_spec(model)
     # held-out text the tokenizer cannot measure fails before anything is copied
-    windows = eval_windows(tokenizer, options.eval_text, spec) if options.precisions else None
+    text = held_out(tokenizer, options.eval_text, spec) if options.precisions else None
 
     def fill(tmp: Path) -> None:
         for path in Path(bundle).iterdir():
@@ -252,7 +274,7 @@ def _quantize_claimed(bundle: Path, checkpoint, options: QuantizeOptions, on_art
         data = copy.deepcopy(manifest.data)
         parity = data["parity"]["artifacts"]
         for artifact, report in add_quantized(
-            tmp, model, spec, formats, options, on_artifact, windows
+            tmp, model, spec, formats, options, on_artifact, text
         ):
             data["artifacts"] = [
                 a
@@ -267,33 +289,31 @@ def _quantize_claimed(bundle: Path, checkpoint, options: QuantizeOptions, on_art
     return read_manifest(bundle)
 
 
-def _quantize_and_gate(fmt, precision, tmp, path, model, spec, options, windows):
-    """(coverage, quality report) of the first fit whose artifact passes the gate. ONNX int4
-    weights of a transformer try the fits fastest to run first (INT4_FITS): a symmetric
-    grid, then an asymmetric one, both run by MatMulNBits' own kernel, then HQQ, whose
-    float zero points cost two small matmuls per weight. The method names the fits that
-    failed, with their figures."""
-    fits = INT4_FITS if (fmt, precision) == ("onnx", "int4") and spec.is_gpt else (None,)
+def _quantize_and_gate(fmt, precision, tmp, path, model, spec, options, text):
+    """(coverage, quality report) of the first attempt (_attempts) whose artifact passes
+    the gate. The method names the attempts that failed, with their figures."""
+    attempts = _attempts(fmt, precision, spec, options)
 
-    def attempt(fit):
-        coverage = _make_quantized(fmt, precision, tmp, path, model, options, fit)
+    def attempt(fit, block):
+        coverage = _make_quantized(fmt, precision, tmp, path, model, options, fit, block, text)
         device = "cuda" if precision == "fp16" else "cpu"
         run = artifact_runner(fmt, path, spec, device, coverage.get("session_config"))
         gate = options.gate(precision)
-        return coverage, gate_quantized(spec, run, path.name, precision, gate, windows)
+        return coverage, gate_quantized(spec, run, path.name, precision, gate, text.windows)
 
     failed = []
-    for fit in fits[:-1]:
+    for fit, block in attempts[:-1]:
         try:
-            coverage, report = attempt(fit)
+            coverage, report = attempt(fit, block)
             break
         except QualityGateError as e:
             failed.append(
-                f"{FIT_NAMES[fit]} round-to-nearest failed the gate: {_measured(e.figures)}"
+                f"{FIT_NAMES[fit]} round-to-nearest in blocks of {block} failed the gate: "
+                f"{_measured(e.figures)}"
             )
     else:
         try:
-            coverage, report = attempt(fits[-1])
+            coverage, report = attempt(*attempts[-1])
         except QualityGateError as e:
             raise QualityGateError("; ".join([str(e).rstrip("."), *failed]), e.figures) from None
     if failed:
@@ -301,13 +321,33 @@ def _quantize_and_gate(fmt, precision, tmp, path, model, spec, options, windows)
     return coverage, report
 
 
-def _make_quantized(fmt, precision, tmp, path, model, options, fit=None) -> dict[str, Any]:
+def _attempts(fmt, precision, spec, options) -> list[tuple[str, int | None]]:
+    """(fit, block size) to try in turn, fastest to run first. A transformer's ONNX int4
+    tries the fits of INT4_FITS: a symmetric grid, then an asymmetric one, both run by
+    MatMulNBits' own kernel, then HQQ, whose float zero points cost two small matmuls
+    per weight. Its int8 tries blocks of 64, then 32 (MatMulNBits reads blocks of 64
+    about 15% faster: fewer scales, fewer int8 activation blocks to sum; the finer
+    blocks quantize outlying activations better), each size that divides the model's
+    widths (a partial block is padding), unless a block size was asked for."""
+    block = options.block_size
+    if fmt != "onnx" or not spec.is_gpt:
+        return [("rtn", block)]
+    if precision == "int4":
+        return [(fit, block or DEFAULT_BLOCK_SIZE) for fit in INT4_FITS]
+    if precision == "int8" and block is None:
+        config = spec.module.model.config
+        sizes = [b for b in INT8_BLOCKS if config.dim % b == 0 and config.mlp_dim % b == 0]
+        return [("rtn", size) for size in sizes or INT8_BLOCKS[-1:]]
+    return [("rtn", block)]
+
+
+def _make_quantized(fmt, precision, tmp, path, model, options, fit, block, text) -> dict[str, Any]:
     if precision == "fp16":
         _require_cuda_provider()
     if fmt == "onnx":  # the fp32 graph was written to tmp just before
         src = tmp / FILENAMES["onnx"]
         return quantize_onnx(
-            src, path, precision, options.block_size, options.accuracy_level, fit or "rtn"
+            src, path, precision, block, options.accuracy_level, fit, text.calibration
         )
     quantized, coverage = quantize_torch_int8(model)
     export_torchscript(step_spec(quantized), path)
