@@ -118,3 +118,28 @@ def test_transformer_int8_tries_blocks_of_64_then_32(tmp_path, monkeypatch, aske
         if a.name == "block_size"
     }
     assert blocks == {tried[-1]}
+
+
+def test_calibration_reads_the_training_split_or_nothing():
+    """Calibration rows come from the embedded corpus's training split (the gates read
+    its validation split); a tokenizer that cannot encode it gets none, so no smoothing."""
+    from edgegen.config import preset
+    from edgegen.corpus import load_corpus
+    from edgegen.export.parity import CALIBRATION_ROWS, QUALITY_WINDOW, calibration_windows
+    from edgegen.models import build_model
+    from edgegen.tokenizer import ByteTokenizer
+
+    spec = step_spec(build_model(preset("gpt", "tiny")))
+    rows = calibration_windows(ByteTokenizer(), spec)
+    assert rows.shape == (CALIBRATION_ROWS, QUALITY_WINDOW)
+    first = ByteTokenizer().encode(load_corpus(None).train[0], bos=True, eos=True)
+    n = min(len(first), rows.numel())
+    assert rows.flatten()[:n].tolist() == first[:n]
+
+    class Unknowing:  # every token unknown: a word vocabulary of other text
+        unk_id = 0
+
+        def encode(self, text, bos=False, eos=False):
+            return [0] * len(text)
+
+    assert calibration_windows(Unknowing(), spec) is None

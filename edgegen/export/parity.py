@@ -202,11 +202,17 @@ def calibration_windows(tokenizer, spec: StepSpec) -> torch.Tensor | None:
     """CALIBRATION_ROWS windows of the embedded corpus's training split, which the
     quality gates never read, to measure activations on; None when the tokenizer cannot
     encode that text (a word vocabulary of other text)."""
+    window = min(QUALITY_WINDOW, spec.layout.get("max_seq_len") or QUALITY_WINDOW)
+    docs, chars = [], 0
+    for doc in load_corpus(None).train:  # enough for the rows (no tokenizer packs 8 bytes)
+        docs.append(doc)
+        chars += len(doc)
+        if chars >= 8 * window * CALIBRATION_ROWS:
+            break
     try:
-        stream = _encoded(tokenizer, load_corpus(None).train, None)
+        stream = _encoded(tokenizer, docs, None)
     except ExportError:
         return None
-    window = min(QUALITY_WINDOW, spec.layout.get("max_seq_len") or QUALITY_WINDOW)
     rows = min(len(stream) // window, CALIBRATION_ROWS)
     if rows < 1:
         return None
