@@ -403,14 +403,18 @@ def test_transformer_int4_tries_the_fits_fastest_first(
     ][:failures]
     assert all(f in method for f in failed) and method.count("failed the gate") == failures
     graph = onnx.load(str(tmp_path / "b" / "model.int4.onnx")).graph
+    inits = {t.name: t for t in graph.initializer}
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
-    zero_points = [n for n in nbits if len(n.input) > 3 and n.input[3]]
-    assert bool(zero_points) == (used == "asymmetric")  # HQQ's were moved out of the kernel
+    zero_points = [inits[n.input[3]] for n in nbits if len(n.input) > 3 and n.input[3]]
+    assert bool(zero_points) == (used != "symmetric")
+    assert all(z.data_type == onnx.TensorProto.UINT8 for z in zero_points)  # HQQ's rounded
 
 
 def test_hqq_zero_points_moved_out_of_the_kernel_keep_the_logits(trained_bundles, tmp_path):
-    """HQQ's float zero points become a block-sum correction beside the fast symmetric
-    MatMulNBits kernel: no zero point is left, and the logits stay those of the HQQ graph."""
+    """HQQ's float zero points are rounded for MatMulNBits' fast kernel, and their
+    residuals ride along as an extra 4-bit block of weights over the block sums of each
+    input: no float zero point is left, each input is summed once, and the logits stay
+    close to those of the HQQ graph."""
     import numpy as np
     import onnxruntime as ort
 
@@ -427,15 +431,20 @@ def test_hqq_zero_points_moved_out_of_the_kernel_keep_the_logits(trained_bundles
     finally:
         q.move_zero_points_out = original
     graph = onnx.load(str(moved)).graph
+    inits = {t.name: t for t in graph.initializer}
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
-    corrections = [n for n in graph.node if n.op_type == "Add" and "/symmetric" in n.input[0]]
-    assert nbits and not any(n.input[3:4] and n.input[3] for n in nbits)
-    assert len(corrections) == len(nbits) - 1  # all but the head, which is 8-bit symmetric
-    corrected = {c.input[0] for c in corrections}
-    sums = [n for n in graph.node if n.op_type == "MatMul" and n.input[1].startswith("block_sum_")]
-    assert len(sums) == len({n.input[0] for n in nbits if n.output[0] in corrected})  # one each
+    corrected = [n for n in nbits if len(n.input) > 3 and n.input[3]]
+    assert all(inits[n.input[3]].data_type == onnx.TensorProto.UINT8 for n in corrected)
+    assert len(corrected) == len(nbits) - 1  # all but the head, which is 8-bit symmetric
+    concats = {n.output[0]: n for n in graph.node if "/with_block_sums_" in n.output[0]}
+    assert all(n.input[0] in concats for n in corrected)
+    assert len(concats) == len({n.input[0] for n in corrected})  # one per input
+    for node in corrected:  # the block sums' extra blocks
+        attrs = {a.name: a.i for a in node.attribute}
+        original_k = int(concats[node.input[0]].input[1].rsplit("_", 1)[1].split("x")[0])
+        assert attrs["K"] % attrs["block_size"] == 0 and attrs["K"] > original_k
     unmoved = [n for n in onnx.load(str(kept)).graph.node if n.op_type == "MatMulNBits"]
-    assert sum(bool(n.input[3:4] and n.input[3]) for n in unmoved) == len(corrections)
+    assert sum(bool(n.input[3:4] and n.input[3]) for n in unmoved) == len(corrected)
     session = ort.InferenceSession(str(moved))
     feeds = {"input_ids": np.array([[5, 6, 7, 8]]), "position_ids": np.arange(4)[None]}
     feeds["attention_mask"] = np.ones((1, 4), np.int64)
@@ -443,4 +452,5 @@ def test_hqq_zero_points_moved_out_of_the_kernel_keep_the_logits(trained_bundles
         feeds[io.name] = np.zeros((1, io.shape[1], 0, io.shape[3]), np.float32)
     a = session.run(None, feeds)[0]
     b = ort.InferenceSession(str(kept)).run(None, feeds)[0]
-    assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(b).max())
+    # the residuals are kept to 1/14 of a column's largest: close, not exact
+    assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max()

@@ -324,11 +324,12 @@ def _quantize_and_gate(fmt, precision, tmp, path, model, spec, options, text):
 def _attempts(fmt, precision, spec, options) -> list[tuple[str, int | None]]:
     """(fit, block size) to try in turn, fastest to run first. A transformer's ONNX int4
     tries the fits of INT4_FITS: a symmetric grid, then an asymmetric one, both run by
-    MatMulNBits' own kernel, then HQQ, whose float zero points cost two small matmuls
-    per weight. Its int8 tries blocks of 64, then 32 (MatMulNBits reads blocks of 64
-    about 15% faster: fewer scales, fewer int8 activation blocks to sum; the finer
-    blocks quantize outlying activations better), each size that divides the model's
-    widths (a partial block is padding), unless a block size was asked for."""
+    MatMulNBits' own kernel, then HQQ, whose float zero points cost a block sum per
+    input and an extra block per weight (quantize.move_zero_points_out). Its int8 tries
+    blocks of 64, then 32 (MatMulNBits reads blocks of 64 about 15% faster: fewer
+    scales, fewer int8 activation blocks to sum; the finer blocks quantize outlying
+    activations better), each size that divides the model's widths (a partial block is
+    padding), unless a block size was asked for."""
     block = options.block_size
     if fmt != "onnx" or not spec.is_gpt:
         return [("rtn", block)]
