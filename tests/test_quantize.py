@@ -254,10 +254,13 @@ def test_quantize_errors(trained_bundles, tmp_path):
         quantize_bundle(bundle, trained_bundles["gpt"][0], QuantizeOptions(precisions=("int8",)))
     with pytest.raises(ExportError, match="unknown precision int3"):
         export_bundle(ckpt, tmp_path / "b", quantize=QuantizeOptions(precisions=("int3",)))
-    with pytest.raises(ExportError, match="block size"):
-        export_bundle(
-            ckpt, tmp_path / "b", quantize=QuantizeOptions(precisions=("int4",), block_size=24)
-        )
+    for precision, block in (("int4", 24), ("int4", 0)):  # 0 is a size asked for, not "auto"
+        with pytest.raises(ExportError, match="block size must be a power of two"):
+            options = QuantizeOptions(precisions=(precision,), block_size=block)
+            export_bundle(ckpt, tmp_path / "b", quantize=options)
+    with pytest.raises(ExportError, match="int8 block size must be a power of two >= 16, got 0"):
+        options = QuantizeOptions(precisions=("int8",), block_size=0)
+        export_bundle(trained_bundles["gpt"][0], tmp_path / "b", formats=["onnx"], quantize=options)
     with pytest.raises(ExportError, match="none of the asked precisions exists"):
         export_bundle(
             ckpt,

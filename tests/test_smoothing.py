@@ -22,13 +22,23 @@ WEIGHTS = {"llama": 4, "gpt": 2}  # per layer, scaled: qkv, up (and gate, down)
 COPIES = {"llama": 2, "gpt": 4}  # per layer: both norms' gains (and biases)
 
 
-def _graph(tmp_path, kind, outlier=None):
+def _graph(tmp_path, kind, outlier=None, norms="untrained"):
     """A random tiny GPT's fp32 step graph and feeds of one prompt; `outlier` scales one
     channel of the first attention norm's output up and the weights that read it down:
-    the same function, with an activation channel like a pretrained model's."""
+    the same function, with an activation channel like a pretrained model's. Untrained
+    norms have gains of one and biases of zero (the exporter shares them); "random" ones
+    have their own."""
     from edgegen.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(make_checkpoint(tmp_path / "ck", "gpt", **KINDS[kind]))
+    if norms == "random":
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, torch.nn.LayerNorm | torch.nn.RMSNorm):
+                    module.weight.copy_(1 + 0.3 * torch.randn_like(module.weight))
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.copy_(0.3 * torch.randn_like(module.bias))
     if outlier:
         block = model.blocks[0]
         with torch.no_grad():
@@ -50,11 +60,13 @@ def _logits(model_or_path, feeds) -> np.ndarray:
     ]
 
 
+@pytest.mark.parametrize("norms", ["untrained", "random"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_smoothing_keeps_the_fp32_logits(tmp_path, kind):
+def test_smoothing_keeps_the_fp32_logits(tmp_path, kind, norms):
     """Every norm and gated product is a site, the head never is; the smoothed graph
-    computes what the original did, with other weights."""
-    path, feeds = _graph(tmp_path, kind)
+    computes what the original did, with other weights (a norm's gain and bias divided,
+    shared ones copied first)."""
+    path, feeds = _graph(tmp_path, kind, norms=norms)
     model = onnx.load(str(path))
     head = output_head(model)
     layers = 2
@@ -63,8 +75,12 @@ def test_smoothing_keeps_the_fp32_logits(tmp_path, kind):
     assert smooth(model, [feeds], skip={head.name}) == SITES[kind] * layers
     after = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     changed = [n for n in before if not np.array_equal(before[n], after[n])]
-    assert len(changed) == WEIGHTS[kind] * layers  # the weights; the gains were shared:
-    assert len(after) - len(before) == COPIES[kind] * layers  # untrained: ones, zeros
+    if norms == "untrained":  # the weights changed; the shared gains were copied
+        assert len(changed) == WEIGHTS[kind] * layers
+        assert len(after) - len(before) == COPIES[kind] * layers
+    else:  # the weights and the norms' own gains (and biases) changed
+        assert len(changed) == (WEIGHTS[kind] + COPIES[kind]) * layers
+        assert len(after) == len(before)
     np.testing.assert_allclose(_logits(model, feeds), _logits(str(path), feeds), atol=1e-4)
 
 

@@ -64,7 +64,7 @@ def quantize_onnx(
     `fit`: how a transformer's int4 blocks are fitted, one of INT4_FITS (see _onnx_nbits).
     `calibration`: step feeds on which a transformer's int8 activations are measured and
     smoothed into its weights (smoothing.py); None leaves them as they are."""
-    block_size = block_size or DEFAULT_BLOCK_SIZE
+    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
     model = fold_constant_transposes(onnx.load(str(src)))
     smoothed = 0
     if precision == "int8" and calibration and not _is_rnn(model):

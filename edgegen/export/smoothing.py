@@ -64,7 +64,7 @@ def smoothing_sites(model: onnx.ModelProto, skip: set[str] = frozenset()) -> lis
             _weight_of(r, inits) and r.name not in skip for r in readers
         ):
             continue
-        divided = _divisible(producers.get(activation), activation, producers, uses, inits)
+        divided = _divisible(producers.get(activation), activation, producers, uses, inits, outputs)
         if divided:
             sites.append(Site(activation, [(r, 1) for r in readers], divided))
     return sites
@@ -74,7 +74,7 @@ def _weight_of(node: onnx.NodeProto, inits: set[str]) -> bool:
     return node.op_type == "MatMul" and node.input[1] in inits
 
 
-def _divisible(producer, activation, producers, uses, inits) -> list[Slot]:
+def _divisible(producer, activation, producers, uses, inits, outputs) -> list[Slot]:
     """Initializers whose division along the last axis divides `activation`'s channels."""
     if producer is None:
         return []
@@ -86,7 +86,8 @@ def _divisible(producer, activation, producers, uses, inits) -> list[Slot]:
         return []
     for side in producer.input:  # act(gate) * up: up straight out of a MatMul, read once
         up = producers.get(side)
-        if up is not None and _weight_of(up, inits) and len(uses[side]) == 1:
+        read_once = len(uses[side]) == 1 and side not in outputs
+        if up is not None and _weight_of(up, inits) and read_once:
             return [(up, 1)]
     return []
 

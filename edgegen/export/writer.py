@@ -334,7 +334,7 @@ def _attempts(fmt, precision, spec, options) -> list[tuple[str, int | None]]:
     if fmt != "onnx" or not spec.is_gpt:
         return [("rtn", block)]
     if precision == "int4":
-        return [(fit, block or DEFAULT_BLOCK_SIZE) for fit in INT4_FITS]
+        return [(fit, DEFAULT_BLOCK_SIZE if block is None else block) for fit in INT4_FITS]
     if precision == "int8" and block is None:
         config = spec.module.model.config
         sizes = [b for b in INT8_BLOCKS if config.dim % b == 0 and config.mlp_dim % b == 0]
