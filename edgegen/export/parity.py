@@ -191,7 +191,7 @@ def eval_windows(tokenizer, eval_text, spec: StepSpec) -> torch.Tensor:
     corpus = load_corpus(eval_text)
     docs = corpus.val if eval_text is None else corpus.train + corpus.val
     stream = _encoded(tokenizer, docs, eval_text)
-    window = min(QUALITY_WINDOW, spec.layout.get("max_seq_len") or QUALITY_WINDOW)
+    window = _window(spec)
     rows = min(len(stream) // (window + 1), QUALITY_TOKENS // window)
     if rows < 1:
         raise ExportError(f"evaluation text is too short: it needs at least {window + 1} tokens")
@@ -202,7 +202,7 @@ def calibration_windows(tokenizer, spec: StepSpec) -> torch.Tensor | None:
     """CALIBRATION_ROWS windows of the embedded corpus's training split, which the
     quality gates never read, to measure activations on; None when the tokenizer cannot
     encode that text (a word vocabulary of other text)."""
-    window = min(QUALITY_WINDOW, spec.layout.get("max_seq_len") or QUALITY_WINDOW)
+    window = _window(spec)
     docs, chars = [], 0
     for doc in load_corpus(None).train:  # enough for the rows (no tokenizer packs 8 bytes)
         docs.append(doc)
@@ -217,6 +217,12 @@ def calibration_windows(tokenizer, spec: StepSpec) -> torch.Tensor | None:
     if rows < 1:
         return None
     return torch.from_numpy(stream[: rows * window].reshape(rows, window))
+
+
+def _window(spec: StepSpec) -> int:
+    """Tokens a row of held-out or calibration text feeds: QUALITY_WINDOW, or less for a
+    shorter context."""
+    return min(QUALITY_WINDOW, spec.layout.get("max_seq_len") or QUALITY_WINDOW)
 
 
 def _encoded(tokenizer, docs: list[str], eval_text) -> np.ndarray:

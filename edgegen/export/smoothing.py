@@ -53,10 +53,7 @@ def smoothing_sites(model: onnx.ModelProto, skip: set[str] = frozenset()) -> lis
     in `skip`) and come out of a norm or a gated product whose scale is free to move."""
     inits = {t.name for t in model.graph.initializer}
     outputs = {o.name for o in model.graph.output}
-    uses: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            uses.setdefault(name, []).append(node)
+    uses = _uses(model)
     producers = {out: node for node in model.graph.node for out in node.output}
     sites = []
     for activation, readers in uses.items():
@@ -68,6 +65,15 @@ def smoothing_sites(model: onnx.ModelProto, skip: set[str] = frozenset()) -> lis
         if divided:
             sites.append(Site(activation, [(r, 1) for r in readers], divided))
     return sites
+
+
+def _uses(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """tensor name -> the nodes that read it, once per input that names it."""
+    uses: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses.setdefault(name, []).append(node)
+    return uses
 
 
 def _weight_of(node: onnx.NodeProto, inits: set[str]) -> bool:
@@ -153,10 +159,7 @@ def _own_initializers(model: onnx.ModelProto, slots: list[Slot]) -> dict[str, np
     that another node reads too (an exporter shares equal constants, such as the
     all-ones gains of an untrained model) is given a copy under a name of its own."""
     tensors = {t.name: t for t in model.graph.initializer}
-    readers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers = {name: len(nodes) for name, nodes in _uses(model).items()}
     values: dict[str, np.ndarray] = {}
     for node, i in slots:
         name = node.input[i]
