@@ -83,9 +83,44 @@ def test_the_runner_binds_each_present_to_its_past(exported):
         np.testing.assert_array_equal(out[:, :, total:], before[name][:, :, total:])
         assert not np.array_equal(out[:, :, total - 1], before[name][:, :, total - 1])
     np.testing.assert_array_equal(got[0], want[0])
+    binding = runner._local.binding.binding
+    binding.get_outputs = None  # the logits' shape follows from the inputs': never asked for
     feeds["input_ids"][0, 0] += 1  # mutated in place: still bound, read afresh
     again = runner.run(feeds)
     assert not np.array_equal(again[0], got[0])
+    assert again[0] is not got[0] and again[0].shape == got[0].shape  # a fresh array a step
+
+
+def test_the_runner_fetches_outputs_whose_shape_the_inputs_do_not_settle(tmp_path):
+    """An output declared with a dimension no input names is allocated by ONNX Runtime and
+    fetched; an input given as a non-contiguous view is bound as a copy, made again each
+    run, so changes to the view are read."""
+    f32 = onnx.TensorProto.FLOAT
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Add", ["x", "x"], ["y"]),
+            onnx.helper.make_node("Add", ["s", "x"], ["s2"]),
+        ],
+        "g",
+        [onnx.helper.make_tensor_value_info(n, f32, ["b", 4]) for n in ("x", "s")],
+        [
+            onnx.helper.make_tensor_value_info("y", f32, ["rows", 4]),
+            onnx.helper.make_tensor_value_info("s2", f32, ["b", 4]),
+        ],
+    )
+    path = tmp_path / "g.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    runner = OnnxRunner(path, ["x", "s"], in_place={"s": "s2"})
+    wide = np.arange(16, dtype=np.float32).reshape(2, 8)
+    x, state = wide[:, ::2], np.zeros((2, 4), np.float32)
+    y, s2 = runner.run({"x": x, "s": state})
+    np.testing.assert_array_equal(y, 2 * x)
+    assert s2 is state
+    np.testing.assert_array_equal(state, x)
+    wide += 1  # the view's values change; the array it was copied from is the same
+    y, _ = runner.run({"x": x, "s": state})
+    np.testing.assert_array_equal(y, 2 * x)
+    np.testing.assert_array_equal(state, 2 * x - 1)
 
 
 def test_the_model_is_restored_after_the_export(exported):

@@ -243,3 +243,31 @@ def test_top_k_ids_finds_the_values_a_partial_sort_finds(vocab, k):
         assert len(ids) == len(set(ids.tolist())) == k
         want = np.sort(row[np.argpartition(row, -k)[-k:]])
         np.testing.assert_array_equal(np.sort(row[ids]), want)
+
+
+@pytest.mark.parametrize(
+    "sampling", [dict(temperature=0), dict(temperature=0.8, top_k=5, top_p=0.9, seed=0)]
+)
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({1: np.nan}, "NaN"),
+        ({1: np.nan, 7: np.inf}, "NaN"),
+        ({7: np.inf}, r"\+inf"),
+        ({"row": -np.inf}, "no finite value"),
+    ],
+)
+def test_non_finite_logits_are_refused_on_every_path(sampling, bad, message):
+    """NaN and +inf anywhere, or a row with no finite value, whether the row's maximum is
+    read from argmax's pick (greedy) or from the row (sampling)."""
+    logits = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    for at, value in bad.items():
+        if at == "row":
+            logits[1] = value
+        else:
+            logits[1, at] = value
+    with pytest.raises(SamplingError, match=message):
+        Sampler(**sampling)(logits)
+    logits[1, :3] = [-np.inf, 2.0, -np.inf]
+    logits[1, 3:] = 0.0  # -inf among finite values is fine
+    assert Sampler(**sampling)(logits).shape == (2,)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import threading
 import warnings
+from itertools import compress
+from operator import is_not
 from pathlib import Path
 
 import numpy as np
@@ -84,17 +86,70 @@ class OnnxRunner:
 class _InPlaceBinding:
     """One IOBinding kept across steps: an input is bound again only when the caller
     passes a different array (arrays it mutates in place stay bound), and each in-place
-    output is bound to its input's memory. Returns outputs in the session's order: the
-    in-place ones are the caller's arrays, now updated."""
+    output is bound to its input's memory. Every other output whose declared shape the
+    inputs' shapes settle (a GPT's logits, [batch, seq, vocab]) is bound to a fresh
+    array of that shape, so a step hands back arrays without asking ONNX Runtime for
+    its outputs (a Python object per output, KV buffers included: 0.2-0.3 ms a step on
+    SmolLM2). Returns outputs in the session's order: the in-place ones are the
+    caller's arrays, now updated."""
 
     def __init__(self, ort, session, in_place: dict[str, str]) -> None:
         self.ort, self.session, self.in_place = ort, session, in_place
         self.binding = session.io_binding()
-        self.output_names = [o.name for o in session.get_outputs()]
-        self.fresh = [n for n in self.output_names if n not in in_place.values()]
-        self.source = {out: name for name, out in in_place.items()}
-        self.bound: dict[str, tuple[np.ndarray, object]] = {}  # array, its OrtValue
-        self.order: list[str] = []  # outputs in the order first bound (get_outputs' order)
+        outputs = session.get_outputs()
+        self.output_names = [o.name for o in outputs]
+        self.slot = {name: i for i, name in enumerate(self.output_names)}
+        self.fresh = [  # (slot, name, declared shape, numpy dtype) of the others
+            (self.slot[o.name], o.name, o.shape, _numpy_type(o.type))
+            for o in outputs
+            if o.name not in in_place.values()
+        ]
+        self.input_dims = {i.name: i.shape for i in session.get_inputs()}
+        self.keep: dict[str, tuple[np.ndarray, object]] = {}  # bound: array, its OrtValue
+        self.names: list[str] = []  # the inputs of the last run, in the caller's order
+        self.held: list = []  # the arrays bound for them (a copy made for layout is not reused)
+        self.result: list = [None] * len(self.output_names)  # the in-place ones kept here
+        self.order: list[str] = []  # every output, in the order first bound (IOBinding's)
+        self.dims: dict[str, int] = {}  # symbolic dimension -> size in the bound inputs
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        names, values = list(feeds), list(feeds.values())
+        if names != self.names:  # another set of inputs, or another order: check them all
+            self.names, self.held = names, [None] * len(names)
+        # the inputs not bound to this very memory, found at C speed: after a step has
+        # streamed the weights, every Python-level operation runs on cold caches
+        for i in compress(range(len(values)), map(is_not, values, self.held)):
+            values[i] = self._bind_input(names[i], values[i])
+        self.held = values
+        result, allocated = list(self.result), []
+        for slot, name, declared, dtype in self.fresh:
+            shape = [d if isinstance(d, int) else self.dims.get(d) for d in declared]
+            if dtype is None or None in shape:  # ORT allocates it; fetched after the run
+                self._bind_output(name)
+                allocated.append((slot, name))
+                continue
+            result[slot] = np.empty(shape, dtype=dtype)
+            self._bind_output(name, self.ort.OrtValue.ortvalue_from_numpy(result[slot]))
+        self.session.run_with_iobinding(self.binding)
+        if allocated:
+            made = dict(zip(self.order, self.binding.get_outputs(), strict=True))
+            for slot, name in allocated:
+                result[slot] = made[name].numpy()
+        return result
+
+    def _bind_input(self, name: str, value: np.ndarray) -> np.ndarray:
+        """Binds `value` (a contiguous copy if it is not) and returns the array bound."""
+        array = np.ascontiguousarray(value)
+        ortvalue = self.ort.OrtValue.ortvalue_from_numpy(array)
+        self.binding.bind_ortvalue_input(name, ortvalue)
+        if name in self.in_place:
+            self._bind_output(self.in_place[name], ortvalue)
+            self.result[self.slot[self.in_place[name]]] = array
+        self.keep[name] = (array, ortvalue)  # keeps the memory alive while bound
+        for dim, size in zip(self.input_dims.get(name, ()), array.shape, strict=False):
+            if isinstance(dim, str):
+                self.dims[dim] = size
+        return array
 
     def _bind_output(self, name: str, *value) -> None:
         if value:
@@ -104,25 +159,11 @@ class _InPlaceBinding:
         if name not in self.order:
             self.order.append(name)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        for name, value in feeds.items():
-            held = self.bound.get(name)
-            if held is not None and held[0] is value:
-                continue  # bound to this very memory (a copy made for layout is not reused)
-            array = np.ascontiguousarray(value)
-            ortvalue = self.ort.OrtValue.ortvalue_from_numpy(array)
-            self.binding.bind_ortvalue_input(name, ortvalue)
-            if name in self.in_place:
-                self._bind_output(self.in_place[name], ortvalue)
-            self.bound[name] = (array, ortvalue)  # keeps the memory alive while bound
-        for name in self.fresh:
-            self._bind_output(name)
-        self.session.run_with_iobinding(self.binding)
-        made = dict(zip(self.order, self.binding.get_outputs(), strict=True))
-        return [
-            self.bound[self.source[n]][0] if n in self.source else made[n].numpy()
-            for n in self.output_names
-        ]
+
+def _numpy_type(onnx_type: str):
+    """numpy's dtype for an ONNX Runtime type string, or None for one not preallocated."""
+    types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+    return types.get(onnx_type)
 
 
 class TorchScriptRunner:
