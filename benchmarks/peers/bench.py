@@ -169,6 +169,24 @@ def summarize(figures: dict, prompt_len: int) -> dict:
     }
 
 
+def pooled(rounds: list[list[dict]], prompt_len: int) -> list[dict]:
+    """Each row's figures over all rounds: every timed generation of every round (the
+    first round's tokens and size, the largest peak RSS), summarized as one."""
+    if len(rounds) == 1:
+        return rounds[0]
+    results = []
+    for measured in zip(*rounds, strict=True):
+        done = [r for r in measured if "runs" in r]
+        if not done:
+            results.append(measured[0])
+            continue
+        row = {**done[0], "runs": [run for r in done for run in r["runs"]]}
+        row["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in done)
+        row["summary"] = summarize(row, prompt_len)
+        results.append(row)
+    return results
+
+
 def agreement(tokens: list[int], reference: list[int] | None) -> str:
     if not reference:
         return "-"
@@ -192,6 +210,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--only", default="", help="comma-separated tools to measure")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every row this many times, a round after another; the table pools "
+        "a row's rounds, each target is the median of its rounds' ratios",
+    )
     if sys.argv[1:] == ["--describe-tree"]:  # run.sh records it beside the bundle it exports
         print(edgegen_commit())
         return
@@ -202,22 +227,27 @@ def main() -> None:
     only = set(filter(None, args.only.split(",")))
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load = os.getloadavg()
-    results = []
-    for n in threads:
-        for row in ROWS:
-            if only and row.tool not in only:
-                continue
-            print(f"{n} thread(s): {row.label} {row.precision} ...", end=" ", flush=True)
-            start = time.perf_counter()
-            figures = run_row(row, n, args, prompt)
-            if "runs" in figures:
-                figures["summary"] = summarize(figures, len(prompt["ids"]))
-                s = figures["summary"]
-                note = f"decode {s['decode_p50_ms']:.1f} ms, prefill {s['prefill_ms']:.0f} ms"
-            else:
-                note = figures.get("error") or figures.get("skipped")
-            print(f"{note} ({time.perf_counter() - start:.0f} s)", flush=True)
-            results.append({"threads": n, "row": {**vars(row), "label": row.label}, **figures})
+    rounds = []  # each: every row's figures, as measured in that round
+    for k in range(args.rounds):
+        results = []
+        for n in threads:
+            for row in ROWS:
+                if only and row.tool not in only:
+                    continue
+                tag = f"round {k + 1}/{args.rounds}, " if args.rounds > 1 else ""
+                print(f"{tag}{n} thread(s): {row.label} {row.precision} ...", end=" ", flush=True)
+                start = time.perf_counter()
+                figures = run_row(row, n, args, prompt)
+                if "runs" in figures:
+                    figures["summary"] = summarize(figures, len(prompt["ids"]))
+                    s = figures["summary"]
+                    note = f"decode {s['decode_p50_ms']:.1f} ms, prefill {s['prefill_ms']:.0f} ms"
+                else:
+                    note = figures.get("error") or figures.get("skipped")
+                print(f"{note} ({time.perf_counter() - start:.0f} s)", flush=True)
+                results.append({"threads": n, "row": {**vars(row), "label": row.label}, **figures})
+        rounds.append(results)
+    results = pooled(rounds, len(prompt["ids"]))
     meta = {
         "started": started,
         "load_average_at_start": load,
@@ -229,14 +259,25 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "warmup": args.warmup,
         "repeat": args.repeat,
+        "rounds": args.rounds,
         "command": " ".join(sys.argv[1:]),
     }
     full = args.json or args.peers / "results.json"
-    full.write_text(json.dumps({"meta": meta, "rows": results}) + "\n", encoding="utf-8")
+    full.write_text(
+        json.dumps({"meta": meta, "rows": results, "rounds": rounds}) + "\n", encoding="utf-8"
+    )
     brief = [{k: v for k, v in r.items() if k not in ("runs", "tokens")} for r in results]
+    ratios = {  # every round's ratio of each target, as the table's median reads them
+        f"{t.name}, {n} thread{'s' if n > 1 else ''}": [target_ratio(t, n, r) for r in rounds]
+        for n in threads
+        for t in TARGETS
+    }
     summary = args.out.with_suffix(".json")
-    summary.write_text(json.dumps({"meta": meta, "rows": brief}, indent=1) + "\n", encoding="utf-8")
-    args.out.write_text(render(meta, results, threads), encoding="utf-8")
+    summary.write_text(
+        json.dumps({"meta": meta, "rows": brief, "target_ratios": ratios}, indent=1) + "\n",
+        encoding="utf-8",
+    )
+    args.out.write_text(render(meta, results, threads, rounds), encoding="utf-8")
     print(f"wrote {args.out}, {summary} (summaries) and {full} (every step)")
 
 
@@ -266,7 +307,8 @@ def bundle_tree(peers: Path) -> str:
     return stamp.read_text(encoding="utf-8").strip() if stamp.exists() else "unknown"
 
 
-def render(meta: dict, results: list[dict], threads: list[int]) -> str:
+def render(meta: dict, results: list[dict], threads: list[int], rounds: list[list[dict]]) -> str:
+    several = len(rounds) > 1
     lines = [
         f"Measured {meta['started']} on {meta['machine']} (load average "
         f"{meta['load_average_at_start'][0]:.1f} at the start), edgegen's bundle exported "
@@ -274,7 +316,13 @@ def render(meta: dict, results: list[dict], threads: list[int]) -> str:
         f"Batch 1, greedy, {meta['new_tokens']} new tokens after the "
         f"{meta['prompt_tokens']}-token chat prompt; {meta['warmup']} warm-up and "
         f"{meta['repeat']} timed generations per row, each row in its own process, rows one "
-        "after another. Decode: ms per token over every step of the timed generations. "
+        + (
+            f"after another, in {len(rounds)} rounds (every row once a round; a row's figures "
+            "pool its rounds). "
+            if several
+            else "after another. "
+        )
+        + "Decode: ms per token over every step of the timed generations. "
         "Prefill: the prompt's one call, median. `agrees`: how many of the greedy tokens "
         "equal transformers eager fp32's before the first difference.",
         "",
@@ -309,19 +357,26 @@ def render(meta: dict, results: list[dict], threads: list[int]) -> str:
                 f"| {agreement(r['tokens'], reference)} |"
             )
         lines.append("")
+    title = (
+        "the peers of each round, the median of the rounds"
+        if several
+        else "the peers of the same run"
+    )
     lines += [
-        "### Targets (edgegen against the peers of the same run)",
+        f"### Targets (edgegen against {title})",
         "",
-        "| target | threads | wanted | measured | met |",
-        "|---|---|---|---|---|",
+        "| target | threads | wanted | measured | " + ("rounds | " if several else "") + "met |",
+        "|---|---|---|---|" + ("---|" if several else "") + "---|",
     ]
     for n in threads:
         for target in TARGETS:
-            lines.append(target_line(target, n, results))
+            lines.append(target_line(target, n, rounds))
     return "\n".join(lines) + "\n"
 
 
-def target_line(target: Target, threads: int, results: list[dict]) -> str:
+def target_ratio(target: Target, threads: int, results: list[dict]) -> float | None:
+    """edgegen's figure over the best peer's, in one round (None: a row is missing)."""
+
     def summary(tool: str) -> dict | None:
         for r in results:
             row = r["row"]
@@ -331,18 +386,24 @@ def target_line(target: Target, threads: int, results: list[dict]) -> str:
 
     ours = summary("edgegen")
     peers = [s for s in map(summary, target.peers) if s]
-    head = f"| {target.name} | {threads} "
-    if target.kind == "decode":
-        wanted = f"<= {target.limit:.2f}x"
-        if not ours or not peers:
-            return head + f"| {wanted} | - | not measured |"
-        ratio = ours["decode_p50_ms"] / min(p["decode_p50_ms"] for p in peers)
-        return head + f"| {wanted} | {ratio:.2f}x | {'yes' if ratio <= target.limit else 'no'} |"
-    wanted = f">= {target.limit:.2f}x"
     if not ours or not peers:
-        return head + f"| {wanted} | - | not measured |"
-    ratio = ours["prefill_tok_s"] / max(p["prefill_tok_s"] for p in peers)
-    return head + f"| {wanted} | {ratio:.2f}x | {'yes' if ratio >= target.limit else 'no'} |"
+        return None
+    if target.kind == "decode":
+        return ours["decode_p50_ms"] / min(p["decode_p50_ms"] for p in peers)
+    return ours["prefill_tok_s"] / max(p["prefill_tok_s"] for p in peers)
+
+
+def target_line(target: Target, threads: int, rounds: list[list[dict]]) -> str:
+    decode = target.kind == "decode"
+    wanted = f"{'<=' if decode else '>='} {target.limit:.2f}x"
+    head = f"| {target.name} | {threads} | {wanted} "
+    ratios = [r for r in (target_ratio(target, threads, res) for res in rounds) if r is not None]
+    each = f"| {', '.join(f'{r:.2f}x' for r in ratios)} " if len(rounds) > 1 else ""
+    if not ratios:
+        return head + "| - " + ("| - " if each else "") + "| not measured |"
+    ratio = float(np.median(ratios))
+    met = ratio <= target.limit if decode else ratio >= target.limit
+    return head + f"| {ratio:.2f}x {each}| {'yes' if met else 'no'} |"
 
 
 if __name__ == "__main__":
