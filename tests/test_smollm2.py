@@ -79,3 +79,6 @@ def test_int8_and_int4_pass_the_default_quality_gates(smollm2):
     for name in ("model.int8.onnx", "model.int4.onnx"):
         assert reports[name]["passed"], reports[name]
         print(name, reports[name]["quality"])
+    # its weights are Q4_1 blocks of 32: int4 tries no coarser block
+    method = manifest.artifact("onnx", "int4").quantization["method"]
+    assert "blocks of 32" in method and "blocks of 64" not in method, method

@@ -45,6 +45,9 @@ FILENAMES = {
 RNN_OPS = ("RNN", "GRU", "LSTM")
 DEFAULT_BLOCK_SIZE = 32
 INT8_BLOCKS = (64, 32)  # a transformer's ONNX int8 tries these in turn (writer._attempts)
+# and its int4 these (the 4-bit kernel's pace is set by its blocks: about 52, 37 and 26
+# G weights/s a thread here), unless its weights already sit on a 4-bit grid (four_bit_grid)
+INT4_BLOCKS = (128, 64, 32)
 DEFAULT_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations (fastest on CPU)
 # how transformer int4 blocks are fitted (_onnx_nbits), fastest to run first
 FIT_NAMES = {"rtn": "symmetric", "asym": "asymmetric", "hqq": "HQQ-fitted asymmetric"}
@@ -166,8 +169,12 @@ def _onnx_nbits(
     kept_int8 = quantize_rnn_weights_int4(model, block_size) if bits == 4 else []
     if keep_head and rnn:  # per row, folded at load like the RNN weights
         dequantize_int8(model, next(n for n in model.graph.node if n.name == head.name), 1, axis=1)
-    elif keep_head:  # block-wise: a per-row int8 head cost SmolLM2 2 points of top-1
-        model = _nbits_pass(model, 8, block_size, accuracy_level, "rtn", include=head)
+    elif keep_head:  # block-wise: a per-row int8 head cost SmolLM2 2 points of top-1;
+        # in blocks of at most 32, whatever the layers' size (int8 activations in coarser
+        # blocks lose the outlying channels that reach the head: blocks of 64 failed
+        # SmolLM2's gate before its activations were smoothed, and the head's are not)
+        head_block = min(block_size, DEFAULT_BLOCK_SIZE)
+        model = _nbits_pass(model, 8, head_block, accuracy_level, "rtn", include=head)
     if hqq:
         move_zero_points_out(model, accuracy_level)
     shared = tied is not None and embed_from_head(model, tied)
@@ -178,7 +185,13 @@ def _onnx_nbits(
         f"MatMulNBits int{bits} ({fit} blocks of {block_size}, accuracy level "
         f"{accuracy_level}) for every MatMul"
         + (" but the output head, which is int8" if keep_head else ", the output head included")
-        + (" with per-row scales" if keep_head and rnn else " in blocks" if keep_head else "")
+        + (
+            " with per-row scales"
+            if keep_head and rnn
+            else f" in blocks of {head_block}"
+            if keep_head
+            else ""
+        )
         + (
             "; float zero points rounded, their residuals 4-bit weights of block sums"
             if hqq
@@ -192,6 +205,26 @@ def _onnx_nbits(
         )
         + (f"; int8 instead of int4: {kept_int8}" if kept_int8 else "")
     )
+
+
+def four_bit_grid(weights: list[np.ndarray]) -> int | None:
+    """The largest block of INT4_BLOCKS in which every weight matrix [out, in] holds at
+    most 16 values per block of inputs, or None. Weights dequantized from a 4-bit file
+    (a Q4_0 or Q4_1 GGUF: 16 levels per block of 32) sit on such a grid, which int4 in
+    those blocks can keep; coarser blocks would put them on another grid (SmolLM2-135M
+    from its Q4_1 file in blocks of 64: +22% perplexity). Float weights never do."""
+    if not weights or any(w.ndim != 2 for w in weights):
+        return None
+    for block in INT4_BLOCKS:
+        if all(w.shape[1] % block == 0 and _most_values(w, block) <= 16 for w in weights):
+            return block
+    return None
+
+
+def _most_values(w: np.ndarray, block: int) -> int:
+    """The most distinct values any block of `block` inputs of `w` [out, in] holds."""
+    grouped = np.sort(w.reshape(w.shape[0], -1, block), axis=-1)
+    return 1 + int(np.count_nonzero(np.diff(grouped, axis=-1), axis=-1).max())
 
 
 def _tied_embedding(model: onnx.ModelProto, head: onnx.NodeProto | None) -> str | None:

@@ -35,12 +35,13 @@ from edgegen.export.parity import (
 )
 from edgegen.export.quantize import (
     DEFAULT_ACCURACY_LEVEL,
-    DEFAULT_BLOCK_SIZE,
     FIT_NAMES,
+    INT4_BLOCKS,
     INT4_FITS,
     INT8_BLOCKS,
     QUANTIZED_PRECISIONS,
     SUPPORTED,
+    four_bit_grid,
     quantize_onnx,
     quantize_torch_int8,
 )
@@ -322,24 +323,44 @@ def _quantize_and_gate(fmt, precision, tmp, path, model, spec, options, text):
 
 
 def _attempts(fmt, precision, spec, options) -> list[tuple[str, int | None]]:
-    """(fit, block size) to try in turn, fastest to run first. A transformer's ONNX int4
-    tries the fits of INT4_FITS: a symmetric grid, then an asymmetric one, both run by
-    MatMulNBits' own kernel, then HQQ, whose float zero points cost a block sum per
-    input and an extra block per weight (quantize.move_zero_points_out). Its int8 tries
-    blocks of 64, then 32 (MatMulNBits reads blocks of 64 about 15% faster: fewer
-    scales, fewer int8 activation blocks to sum; the finer blocks quantize outlying
-    activations better), each size that divides the model's widths (a partial block is
-    padding), unless a block size was asked for."""
+    """(fit, block size) to try in turn, fastest to run first, unless a block size was
+    asked for. A transformer's ONNX int4 tries the fits of INT4_FITS (a symmetric grid,
+    then an asymmetric one, both run by MatMulNBits' own kernel, then HQQ, whose float
+    zero points cost a block sum per input and an extra block per weight:
+    quantize.move_zero_points_out) in blocks of 128, then 64, then 32: the 4-bit kernel
+    runs coarser blocks faster (fewer scales), finer ones hold the weights closer. Its
+    int8 tries blocks of 64, then 32 (MatMulNBits reads blocks of 64 about 15% faster:
+    fewer scales, fewer int8 activation blocks to sum; the finer blocks quantize
+    outlying activations better). Only sizes that divide the model's widths are tried
+    (a partial block is padding)."""
     block = options.block_size
-    if fmt != "onnx" or not spec.is_gpt:
+    if fmt != "onnx" or not spec.is_gpt or precision not in ("int8", "int4"):
         return [("rtn", block)]
-    if precision == "int4":
-        return [(fit, DEFAULT_BLOCK_SIZE if block is None else block) for fit in INT4_FITS]
-    if precision == "int8" and block is None:
-        config = spec.module.model.config
-        sizes = [b for b in INT8_BLOCKS if config.dim % b == 0 and config.mlp_dim % b == 0]
-        return [("rtn", size) for size in sizes or INT8_BLOCKS[-1:]]
-    return [("rtn", block)]
+    if precision == "int8":
+        return [("rtn", size) for size in _block_sizes(spec, INT8_BLOCKS, block)]
+    return [(fit, size) for size in _int4_blocks(spec, block) for fit in INT4_FITS]
+
+
+def _block_sizes(spec, sizes: tuple[int, ...], asked: int | None) -> list[int]:
+    """The block sizes to try: the one asked for, else those of `sizes` that divide the
+    model's widths (the finest of them when none does)."""
+    if asked is not None:
+        return [asked]
+    config = spec.module.model.config
+    fitting = [b for b in sizes if config.dim % b == 0 and config.mlp_dim % b == 0]
+    return fitting or list(sizes[-1:])
+
+
+def _int4_blocks(spec, asked: int | None) -> list[int]:
+    """_block_sizes for int4, but weights that already sit on a 4-bit grid (imported
+    from a Q4 GGUF) keep its blocks (quantize.four_bit_grid reads the first block's)."""
+    if asked is None:
+        layer = next(iter(spec.module.model.blocks), None)
+        linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)] if layer else []
+        grid = four_bit_grid([m.weight.detach().float().numpy() for m in linears])
+        if grid is not None:
+            return [grid]
+    return _block_sizes(spec, INT4_BLOCKS, asked)
 
 
 def _make_quantized(fmt, precision, tmp, path, model, options, fit, block, text) -> dict[str, Any]:
