@@ -357,7 +357,7 @@ def _int4_blocks(spec, asked: int | None) -> list[int]:
     if asked is None:
         layer = next(iter(spec.module.model.blocks), None)
         linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)] if layer else []
-        grid = four_bit_grid([m.weight.detach().float().numpy() for m in linears])
+        grid = four_bit_grid([m.weight.detach().float().cpu().numpy() for m in linears])
         if grid is not None:
             return [grid]
     return _block_sizes(spec, INT4_BLOCKS, asked)
