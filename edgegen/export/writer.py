@@ -355,8 +355,8 @@ def _int4_blocks(spec, asked: int | None) -> list[int]:
     """_block_sizes for int4, but weights that already sit on a 4-bit grid (imported
     from a Q4 GGUF) keep its blocks (quantize.four_bit_grid reads the first block's)."""
     if asked is None:
-        layer = next(iter(spec.module.model.blocks), None)
-        linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)] if layer else []
+        first = spec.module.model.blocks[0]  # a GPT has at least one (config.n_layers)
+        linears = [m for m in first.modules() if isinstance(m, torch.nn.Linear)]
         grid = four_bit_grid([m.weight.detach().float().cpu().numpy() for m in linears])
         if grid is not None:
             return [grid]

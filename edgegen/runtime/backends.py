@@ -105,7 +105,9 @@ class _InPlaceBinding:
             if o.name not in in_place.values()
         ]
         self.input_dims = {i.name: i.shape for i in session.get_inputs()}
-        self.keep: dict[str, tuple[np.ndarray, object]] = {}  # bound: array, its OrtValue
+        # every input bound, by name: its memory stays alive while IOBinding points at it,
+        # even when a later run leaves the input out (held has the last run's only)
+        self.keep: dict[str, tuple[np.ndarray, object]] = {}
         self.names: list[str] = []  # the inputs of the last run, in the caller's order
         self.held: list = []  # the arrays bound for them (a copy made for layout is not reused)
         self.result: list = [None] * len(self.output_names)  # the in-place ones kept here
